@@ -1,0 +1,1 @@
+"""Prefect flows and tasks, storage I/O, run state and the command line."""

@@ -1,0 +1,477 @@
+"""The run and the backfill as plain functions over a storage root: importable without Prefect.
+
+Each step takes and returns paths and small summaries, so `flows/prefect_flows.py` can run the very same
+steps as Prefect tasks (with retries) without DataFrames crossing task boundaries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import polars as pl
+
+from flows import state
+from flows.storage import FileInfo, Storage
+from meters import Billing, Meter, MeterSet
+from transforms.dedupe import dedupe
+from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
+from transforms.schema import EVENT, QUARANTINE, conform, empty
+from transforms.tables import exclusions, hourly_table, period_table
+from transforms.validate import validate
+from transforms.windows import period_dates
+from transforms.windows import period_table as periods_for_dates
+
+LANDING = "landing"
+EVENTS = "events"
+LOCK_TTL = 2 * 3600
+
+# A step runner: how each named step is executed (directly, or as a Prefect task with retries).
+Step = Callable[..., Any]
+
+
+def direct(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+@dataclass
+class IngestResult:
+    batches: int = 0
+    unchanged: int = 0
+    records: int = 0
+    valid: int = 0
+    duplicates: int = 0
+    stored: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    # event type -> {"dates": UTC dates, "local_dates": billing-zone dates} of the events stored
+    touched: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    manifest_rows: list[dict] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+# --- paths -----------------------------------------------------------------------------------------
+def event_file(date: str, run_id: str) -> str:
+    return f"{EVENTS}/date={date}/{run_id}.parquet"
+
+
+def hourly_file(slug: str, date: str) -> str:
+    return f"usage/{slug}/hourly/date={date}/data.parquet"
+
+
+def period_file(slug: str, period_start: str) -> str:
+    return f"usage/{slug}/period/period_start={period_start}/data.parquet"
+
+
+def batch_quarantine_file(batch: str) -> str:
+    return f"quarantine/records/{batch}.parquet"
+
+
+def meter_quarantine_file(slug: str, date: str) -> str:
+    return f"quarantine/meter/{slug}/{date}.parquet"
+
+
+def event_files_by_date(storage: Storage) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in storage.list_files(EVENTS, (".parquet",)):
+        part = f.path.split("/")[1]
+        if part.startswith("date="):
+            out.setdefault(part[5:], []).append(f.path)
+    return out
+
+
+# --- finding and ingesting batches -------------------------------------------------------------------
+def find_new_batches(storage: Storage) -> list[FileInfo]:
+    """Landed files whose (path, size, mtime) the manifest has not seen, in landing order."""
+    manifest = state.read_manifest(storage)
+    seen = set(zip(manifest["path"].to_list(), manifest["size"].to_list(), manifest["mtime"].to_list(), strict=False))
+    files = storage.list_files(LANDING, BATCH_SUFFIXES)
+    return sorted((f for f in files if (f.path, f.size, f.mtime) not in seen), key=lambda f: (f.mtime, f.path))
+
+
+def batch_id(path: str, content: bytes) -> str:
+    return hashlib.sha256(path.encode() + b"\0" + content).hexdigest()[:24]
+
+
+def _quarantine_rows(df: pl.DataFrame, stage: str, file: str, batch: str, **cols: Any) -> pl.DataFrame:
+    extra = {k: pl.lit(v) for k, v in cols.items()}
+    return conform(df.with_columns(stage=pl.lit(stage), file=pl.lit(file), batch=pl.lit(batch), **extra), QUARANTINE)
+
+
+def _envelope_json(df: pl.DataFrame) -> pl.Expr:
+    return pl.struct(
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        pl.col("time").dt.strftime("%Y-%m-%dT%H:%M:%S%.9fZ").alias("time"),
+        "datacontenttype",
+        "data",
+    ).struct.json_encode()
+
+
+def read_batches(
+    storage: Storage, batches: list[FileInfo], known_batches: set[str]
+) -> tuple[pl.DataFrame, pl.DataFrame, list[dict], int]:
+    """Parse and validate batches: (valid events in landing order, quarantine rows, manifest rows, unchanged)."""
+    valid_parts: list[pl.DataFrame] = []
+    rejects: list[pl.DataFrame] = []
+    rows: list[dict] = []
+    unchanged = 0
+    for order, info in enumerate(batches):
+        raw = storage.read_bytes(info.path)
+        batch = batch_id(info.path, raw)
+        rows.append({"path": info.path, "size": info.size, "mtime": info.mtime, "etag": info.etag, "batch": batch})
+        if batch in known_batches:  # touched but identical content: nothing new
+            unchanged += 1
+            continue
+        parsed = parse_batch(raw, info.path)
+        if parsed.unreadable:
+            rejects.append(
+                pl.DataFrame(
+                    [{"stage": "file", "reason": "unreadable_file", "message": parsed.unreadable, "file": info.path}],
+                )
+                .pipe(conform, QUARANTINE)
+                .with_columns(batch=pl.lit(batch))
+            )
+            continue
+        if not parsed.malformed.is_empty():
+            rejects.append(_quarantine_rows(parsed.malformed, "envelope", info.path, batch, reason="malformed_json"))
+        valid, rejected = validate(parsed.records)
+        if not rejected.is_empty():
+            rejected = with_raw_text(rejected, parsed).rename({"id": "event_id"})
+            rejects.append(_quarantine_rows(rejected, "envelope", info.path, batch))
+        valid_parts.append(
+            valid.with_columns(file=pl.lit(info.path), batch=pl.lit(batch), batch_order=pl.lit(order, pl.Int32))
+        )
+    valid_all = pl.concat(valid_parts) if valid_parts else empty({**EVENT, "batch_order": pl.Int32})
+    quarantine = pl.concat(rejects) if rejects else empty(QUARANTINE)
+    return valid_all, quarantine, rows, unchanged
+
+
+def touched_by(events: pl.DataFrame, billing: Billing) -> dict[str, dict[str, list[str]]]:
+    """Per event type: the UTC dates and billing-zone local dates its events fall on."""
+    if events.is_empty():
+        return {}
+    per = (
+        events.lazy()
+        .select("type", "date", local=pl.col("time").dt.convert_time_zone(billing.timezone).dt.date())
+        .group_by("type")
+        .agg(pl.col("date").unique().sort(), pl.col("local").unique().sort().cast(pl.String))
+        .collect()
+    )
+    return {r["type"]: {"dates": r["date"], "local_dates": r["local"]} for r in per.to_dicts()}
+
+
+def ingest(storage: Storage, run_id: str, batches: list[FileInfo], billing: Billing, redo: dict) -> IngestResult:
+    """Validate and deduplicate new batches, then append them to events/ and quarantine/.
+
+    Writes `_state/pending/<run>.json` first, so a crash here is rolled back by the next run.
+    """
+    manifest = state.read_manifest(storage)
+    known = set(manifest["batch"].to_list())
+    new, quarantine, rows, unchanged = read_batches(storage, batches, known)
+    records = new.height + quarantine.height
+    by_date = event_files_by_date(storage)
+    dates = new["date"].unique().to_list()
+    existing = [p for d in dates for p in by_date.get(d, [])]
+    existing_keys = storage.scan_parquet(existing).select("date", "source", "id").collect() if existing else None
+    kept, dups = dedupe(new, existing_keys)
+    if not dups.is_empty():
+        dup_rows = dups.with_columns(
+            stage=pl.lit("dedupe"),
+            reason=pl.lit("duplicate"),
+            message=pl.lit("same (source, id) on the same UTC date as ") + pl.col("_dup"),
+            event_id=pl.col("id"),
+            raw=_envelope_json(dups),
+        )
+        quarantine = pl.concat([quarantine, conform(dup_rows, QUARANTINE)])
+    kept = conform(kept, EVENT)
+    touched = touched_by(kept, billing)
+    q_batches = sorted(set(quarantine["batch"].to_list()))
+    kept_dates = sorted(set(kept["date"].to_list()))
+    files = [event_file(d, run_id) for d in kept_dates] + [batch_quarantine_file(b) for b in q_batches]
+    pending_touched = merge_touched(touched, redo)
+    state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=pending_touched))
+    for (d,), part in kept.group_by(["date"], maintain_order=True):
+        storage.write_parquet(event_file(str(d), run_id), part)
+    for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
+        storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
+    reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
+    return IngestResult(
+        batches=len(batches),
+        unchanged=unchanged,
+        records=records,
+        valid=new.height,
+        duplicates=dups.height,
+        stored=kept.height,
+        quarantined=dict(sorted(reasons.items())),
+        touched=pending_touched,
+        manifest_rows=[{**r, "run_id": run_id} for r in rows],
+        files=files,
+    )
+
+
+def merge_touched(a: dict, b: dict) -> dict:
+    out: dict[str, dict[str, list[str]]] = {}
+    for src in (a, b):
+        for typ, parts in src.items():
+            slot = out.setdefault(typ, {"dates": [], "local_dates": []})
+            for key in ("dates", "local_dates"):
+                slot[key] = sorted(set(slot[key]) | set(parts.get(key, [])))
+    return out
+
+
+# --- recomputing tables ------------------------------------------------------------------------------
+def _period_bounds(billing: Billing, local_dates: list[str]) -> pl.DataFrame:
+    """The billing periods holding the given local dates, with every local date of each period."""
+    starts = sorted(
+        {period_dates(dt.date.fromisoformat(d), billing.period, billing.anchor_day)[0] for d in local_dates}
+    )
+    days: list[dt.date] = []
+    for first in starts:
+        after = period_dates(first, billing.period, billing.anchor_day)[1]
+        days.extend(first + dt.timedelta(days=i) for i in range((after - first).days))
+    return periods_for_dates(days, billing.period, billing.timezone, billing.anchor_day)
+
+
+def _utc_dates(start: dt.datetime, end: dt.datetime) -> list[str]:
+    day, last = start.date(), (end - dt.timedelta(microseconds=1)).date()
+    out = []
+    while day <= last:
+        out.append(day.isoformat())
+        day += dt.timedelta(days=1)
+    return out
+
+
+def recompute_type(
+    storage: Storage,
+    event_type: str,
+    meters: list[Meter],
+    billing: Billing,
+    dates: list[str],
+    local_dates: list[str],
+) -> dict[str, dict[str, int]]:
+    """Rebuild the hourly partitions (UTC `dates`) and billing periods (holding `local_dates`) of meters.
+
+    Reads the event type once from events/ and derives every meter of that type from it.
+    """
+    periods = _period_bounds(billing, local_dates)
+    period_starts = sorted(set(periods["period_start"].to_list()))
+    needed = set(dates)
+    if not periods.is_empty():
+        needed |= set(_utc_dates(periods["window_start"].min(), periods["window_end"].max()))
+    by_date = event_files_by_date(storage)
+    files = [p for d in sorted(needed) for p in by_date.get(d, [])]
+    if files:
+        events = (
+            storage.scan_parquet(files)
+            .filter(pl.col("type") == event_type)
+            .select("id", "source", "subject", "time", "data", "file", "line", "batch", "date")
+            .collect()
+        )
+    else:
+        events = empty(EVENT).select("id", "source", "subject", "time", "data", "file", "line", "batch", "date")
+    summary: dict[str, dict[str, int]] = {}
+    in_dates = pl.col("date").is_in(sorted(dates))
+    for meter in meters:
+        extracted = extract_meter(events, meter)
+        hourly = hourly_table(extracted.filter(in_dates), meter).collect()
+        written = _publish(storage, hourly, "date", dates, partial(hourly_file, meter.slug))
+        period = period_table(extracted, meter, billing, periods).collect()
+        written_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug))
+        excluded = exclusions(extracted.filter(in_dates), meter).collect()
+        _publish(storage, excluded, "date", dates, partial(meter_quarantine_file, meter.slug), sort=False)
+        summary[meter.slug] = {
+            "hourly_partitions": len(dates),
+            "periods": len(period_starts),
+            "hourly_rows": hourly.height,
+            "period_rows": written_p,
+            "excluded": excluded.height,
+        }
+        del written
+    return summary
+
+
+def extract_meter(events: pl.DataFrame, meter: Meter) -> pl.LazyFrame:
+    from transforms.extract import extract
+
+    return extract(events.lazy(), meter)
+
+
+def _publish(
+    storage: Storage,
+    table: pl.DataFrame,
+    key: str,
+    values: list[str],
+    path: Callable[[str], str],
+    sort: bool = True,
+) -> int:
+    """Replace each partition `key=value` with its rows; partitions left empty are deleted."""
+    parts = {str(k[0]): df for k, df in table.group_by([key])} if not table.is_empty() else {}
+    rows = 0
+    for value in values:
+        df = parts.get(value)
+        if df is None or df.is_empty():
+            storage.delete([path(value)])
+            continue
+        if sort:
+            df = df.sort(
+                [c for c in df.columns if c in ("window_start", "subject")]
+                + [
+                    c
+                    for c in df.columns
+                    if c not in ("window_start", "subject", "window_end", "value", "event_count", key)
+                ],
+                nulls_last=True,
+            )
+        else:
+            df = df.sort("file", "line", nulls_last=True)
+        storage.write_parquet(path(value), df)
+        rows += df.height
+    return rows
+
+
+# --- the run -----------------------------------------------------------------------------------------
+def recover(storage: Storage) -> tuple[dict, list[state.Pending]]:
+    """Finish committed runs' leftovers and roll back uncommitted ones; return what to recompute."""
+    committed = state.committed_runs(storage)
+    redo: dict = {}
+    stale: list[state.Pending] = []
+    for pending in state.read_pendings(storage):
+        if pending.run_id in committed:
+            storage.delete(pending.deletes)
+            state.clear_pending(storage, pending.run_id)
+            continue
+        storage.delete(pending.files)  # roll back: the batches are read again by this run
+        redo = merge_touched(redo, pending.touched)
+        stale.append(pending)
+    for f in storage.list_files(state.TMP_PREFIX):
+        storage.delete([f.path])
+    return redo, stale
+
+
+def run(
+    storage: Storage,
+    meterset: MeterSet,
+    *,
+    step: Step = direct,
+    log: Callable[[str], None] = print,
+    lock_ttl: int = LOCK_TTL,
+) -> dict:
+    """One hourly run: ingest what is new, recompute what it touched, publish, commit."""
+    started = time.perf_counter()
+    run_id = state.new_run_id()
+    storage.check_root(create=not storage.is_s3)
+    state.acquire_lock(storage, run_id, lock_ttl)
+    try:
+        redo, stale = step("recover", recover, storage)
+        batches = step("find-new-batches", find_new_batches, storage)
+        had_events = bool(event_files_by_date(storage))
+        result: IngestResult = step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
+        for pending in stale:
+            state.clear_pending(storage, pending.run_id)
+        meters_summary = recompute_all(storage, meterset, result.touched, step)
+        if result.manifest_rows or result.files:
+            step("commit", state.commit_manifest, storage, run_id, result.manifest_rows)
+        fingerprints = update_fingerprints(storage, meterset, first_run=not had_events)
+        state.clear_pending(storage, run_id)
+        summary = _summary(run_id, "run", result, meters_summary, started, fingerprints)
+        state.write_run_record(storage, run_id, summary)
+    finally:
+        state.release_lock(storage, run_id)
+    log(format_summary(summary))
+    return summary
+
+
+def recompute_all(storage: Storage, meterset: MeterSet, touched: dict, step: Step = direct) -> dict:
+    summary: dict[str, dict[str, int]] = {}
+    for event_type, parts in sorted(touched.items()):
+        meters = [m for m in meterset.meters if m.event_type == event_type]
+        if not meters:
+            continue
+        summary.update(
+            step(
+                f"recompute-{event_type}",
+                recompute_type,
+                storage,
+                event_type,
+                meters,
+                meterset.billing,
+                parts["dates"],
+                parts["local_dates"],
+            )
+        )
+    return summary
+
+
+def update_fingerprints(
+    storage: Storage, meterset: MeterSet, first_run: bool, rebuilt: list[str] | None = None
+) -> dict:
+    """Record which meter definitions built the tables; report meters whose history is stale."""
+    stored = state.read_fingerprints(storage)
+    current = meterset.fingerprints()
+    changed = False
+    for slug, fp in current.items():
+        if stored.get(slug) != fp and (first_run or (rebuilt is not None and slug in rebuilt)):
+            stored[slug] = fp
+            changed = True
+    if changed:
+        state.write_fingerprints(storage, stored)
+    return {slug: ("ok" if stored.get(slug) == fp else "stale") for slug, fp in current.items()}
+
+
+def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started: float, fps: dict) -> dict:
+    stale = sorted(s for s, v in fps.items() if v == "stale")
+    return {
+        "run_id": run_id,
+        "kind": kind,
+        "status": "ok",
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "seconds": round(time.perf_counter() - started, 3),
+        "batches": result.batches,
+        "batches_unchanged": result.unchanged,
+        "events_read": result.records,
+        "events_valid": result.valid,
+        "duplicates_dropped": result.duplicates,
+        "events_stored": result.stored,
+        "quarantined": result.quarantined,
+        "quarantined_total": sum(result.quarantined.values()),
+        "meters_recomputed": sorted(meters),
+        "periods_recomputed": sum(m["periods"] for m in meters.values()),
+        "hourly_partitions_recomputed": sum(m["hourly_partitions"] for m in meters.values()),
+        "rows_written": {s: {"hourly": m["hourly_rows"], "period": m["period_rows"]} for s, m in meters.items()},
+        "excluded_by_meter": {s: m["excluded"] for s, m in meters.items() if m["excluded"]},
+        "stale_meters": stale,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    q = ", ".join(f"{k} {v}" for k, v in summary["quarantined"].items()) or "none"
+    lines = [
+        f"run {summary['run_id']} ({summary['kind']}): {summary['seconds']:.2f}s",
+        f"  batches {summary['batches']} (unchanged {summary['batches_unchanged']}), events read {summary['events_read']},"
+        f" valid {summary['events_valid']}, duplicates dropped {summary['duplicates_dropped']},"
+        f" stored {summary['events_stored']}",
+        f"  quarantined {summary['quarantined_total']}: {q}",
+        f"  meters recomputed {len(summary['meters_recomputed'])}, periods {summary['periods_recomputed']},"
+        f" hourly partitions {summary['hourly_partitions_recomputed']}",
+    ]
+    for slug, rows in summary["rows_written"].items():
+        lines.append(f"    {slug}: {rows['period']} period rows, {rows['hourly']} hourly rows")
+    if summary["stale_meters"]:
+        lines.append(
+            "  stale: " + ", ".join(summary["stale_meters"]) + " changed or were added after their history was"
+            " built; run `meterlake backfill --meter SLUG` to rebuild it"
+        )
+    return "\n".join(lines)
+
+
+def as_dict(obj: Any) -> dict:
+    return asdict(obj)

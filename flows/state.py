@@ -1,0 +1,168 @@
+"""Run state under `_state/`: the manifest of processed batches, the run lock, the pending-run log and run records.
+
+Commit protocol of a run (see docs/design.md):
+1. take the lock; 2. roll back any pending run that never committed (delete the files it listed);
+3. write `_state/pending/<run>.json` naming every file the run will add; 4. write events and quarantine;
+5. publish the touched table partitions; 6. write `_state/manifest/<run>.parquet` (the commit point);
+7. delete the pending record and release the lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import polars as pl
+
+from flows.storage import Storage
+
+MANIFEST = "_state/manifest"
+PENDING = "_state/pending"
+RUNS = "_state/runs"
+LOCK = "_state/lock.json"
+METERS = "_state/meters.json"
+
+MANIFEST_SCHEMA = {
+    "path": pl.String,
+    "size": pl.Int64,
+    "mtime": pl.Float64,
+    "etag": pl.String,
+    "batch": pl.String,
+    "run_id": pl.String,
+}
+TMP_PREFIX = "_state/tmp"
+COMPACT_AFTER = 64  # manifest files; merged into one so reading state stays cheap
+
+
+class LockHeld(RuntimeError):
+    pass
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.UTC)
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+# --- manifest --------------------------------------------------------------------------------
+def read_manifest(storage: Storage) -> pl.DataFrame:
+    files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
+    if not files:
+        return pl.DataFrame(schema=MANIFEST_SCHEMA)
+    return storage.scan_parquet(files).collect().unique(subset=["path", "batch", "size", "mtime"], keep="first")
+
+
+def committed_runs(storage: Storage) -> set[str]:
+    return set(read_manifest(storage)["run_id"].to_list())
+
+
+def commit_manifest(storage: Storage, run_id: str, rows: list[dict]) -> None:
+    """The commit point of a run: one object, written atomically. Written even with no rows."""
+    df = pl.DataFrame(rows, schema=MANIFEST_SCHEMA) if rows else pl.DataFrame(schema=MANIFEST_SCHEMA)
+    if df.is_empty():
+        df = pl.DataFrame(
+            [{"path": "", "size": 0, "mtime": 0.0, "etag": "", "batch": "", "run_id": run_id}], schema=MANIFEST_SCHEMA
+        )
+    storage.write_parquet(f"{MANIFEST}/{run_id}.parquet", df)
+    compact_manifest(storage)
+
+
+def compact_manifest(storage: Storage) -> None:
+    files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
+    if len(files) <= COMPACT_AFTER:
+        return
+    merged = storage.scan_parquet(files).collect()
+    storage.write_parquet(f"{MANIFEST}/compact-{new_run_id()}.parquet", merged)
+    storage.delete(files)
+
+
+# --- pending runs (write-ahead log) ------------------------------------------------------------
+@dataclass
+class Pending:
+    run_id: str
+    files: list[str] = field(default_factory=list)
+    # slug -> {"dates": [...UTC dates...], "periods": [...period starts...]} to recompute on recovery
+    touched: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    deletes: list[str] = field(default_factory=list)  # files to delete once committed (re-ingest)
+
+
+def write_pending(storage: Storage, pending: Pending) -> None:
+    storage.write_json(f"{PENDING}/{pending.run_id}.json", asdict(pending))
+
+
+def read_pendings(storage: Storage) -> list[Pending]:
+    out = []
+    for f in storage.list_files(PENDING, (".json",)):
+        out.append(Pending(**storage.read_json(f.path)))
+    return out
+
+
+def clear_pending(storage: Storage, run_id: str) -> None:
+    storage.delete([f"{PENDING}/{run_id}.json"])
+
+
+# --- lock --------------------------------------------------------------------------------------
+def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.datetime | None = None) -> None:
+    """Take the run lock or raise LockHeld; a lock past its expiry is taken over."""
+    now = now or dt.datetime.now(dt.UTC)
+    body = {
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "acquired_at": now.isoformat(),
+        "expires_at": (now + dt.timedelta(seconds=ttl_seconds)).isoformat(),
+    }
+    data = json.dumps(body).encode()
+    for _ in range(2):
+        if storage.create_exclusive(LOCK, data) and storage.read_json(LOCK).get("run_id") == run_id:
+            return
+        try:
+            held = storage.read_json(LOCK)
+        except FileNotFoundError:
+            continue
+        expires = dt.datetime.fromisoformat(held["expires_at"])
+        if expires > now:
+            raise LockHeld(
+                f"another run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) holds the lock "
+                f"until {held['expires_at']}; try again later"
+            )
+        storage.delete([LOCK])  # expired: a crashed run's lock
+    raise LockHeld("could not take the run lock (another run is starting); try again")
+
+
+def refresh_lock(storage: Storage, run_id: str, ttl_seconds: int) -> None:
+    held = storage.read_json(LOCK)
+    if held.get("run_id") != run_id:
+        raise LockHeld(f"lost the run lock to {held.get('run_id')}")
+    now = dt.datetime.now(dt.UTC)
+    held["expires_at"] = (now + dt.timedelta(seconds=ttl_seconds)).isoformat()
+    storage.write_json(LOCK, held)
+
+
+def release_lock(storage: Storage, run_id: str) -> None:
+    try:
+        if storage.read_json(LOCK).get("run_id") == run_id:
+            storage.delete([LOCK])
+    except FileNotFoundError:
+        pass
+
+
+# --- run records and meter fingerprints ---------------------------------------------------------
+def write_run_record(storage: Storage, run_id: str, record: dict) -> None:
+    storage.write_json(f"{RUNS}/{run_id}.json", record)
+
+
+def read_run_records(storage: Storage, last: int = 20) -> list[dict]:
+    files = storage.list_files(RUNS, (".json",))[-last:]
+    return [storage.read_json(f.path) for f in files]
+
+
+def read_fingerprints(storage: Storage) -> dict[str, str]:
+    return storage.read_json(METERS) if storage.exists(METERS) else {}
+
+
+def write_fingerprints(storage: Storage, fingerprints: dict[str, str]) -> None:
+    storage.write_json(METERS, fingerprints)

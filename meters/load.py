@@ -1,0 +1,226 @@
+"""Load and validate a meters YAML file, collecting every problem with its line number."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meters.jsonpath import JsonPathError, normalise_path
+from meters.model import AGGREGATIONS, PERIODS, RESERVED_COLUMNS, Billing, Meter, MeterSet
+
+SLUG = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
+GROUP_KEY = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_]*$")
+METER_FIELDS = {"slug", "description", "eventType", "aggregation", "valueProperty", "groupBy", "name"}
+BILLING_FIELDS = {"period", "timezone", "anchor_day"}
+TOP_FIELDS = {"meters", "billing"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int | None
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        at = f"line {self.line}: " if self.line else ""
+        return f"{at}{self.where}: {self.message}"
+
+
+class MeterConfigError(ValueError):
+    """Raised with every problem found, so a user fixes the file in one pass."""
+
+    def __init__(self, problems: list[Problem], source: str = "meters file") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(str(p) for p in problems))
+
+
+def _plain(node: yaml.Node) -> Any:
+    """Turn a composed node back into Python values (safe types only)."""
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _mapping(node: yaml.Node) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    for key, value in node.value:
+        out[str(key.value)] = (key, value)
+    return out
+
+
+def _check_billing(node: yaml.Node, problems: list[Problem]) -> Billing:
+    if not isinstance(node, yaml.MappingNode):
+        problems.append(Problem(_line(node), "billing", "must be a mapping of period, timezone, anchor_day"))
+        return Billing()
+    fields = _mapping(node)
+    for name, (key, _) in fields.items():
+        if name not in BILLING_FIELDS:
+            problems.append(
+                Problem(_line(key), f"billing.{name}", f"unknown field (allowed: {', '.join(sorted(BILLING_FIELDS))})")
+            )
+    period = _plain(fields["period"][1]) if "period" in fields else "MONTH"
+    tz = _plain(fields["timezone"][1]) if "timezone" in fields else "UTC"
+    anchor = _plain(fields["anchor_day"][1]) if "anchor_day" in fields else 1
+    if period not in PERIODS:
+        problems.append(
+            Problem(
+                _line(fields["period"][1]), "billing.period", f"must be one of {', '.join(PERIODS)}, got {period!r}"
+            )
+        )
+        period = "MONTH"
+    try:
+        zoneinfo.ZoneInfo(str(tz))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.append(
+            Problem(
+                _line(fields["timezone"][1]), "billing.timezone", f"unknown IANA time zone {tz!r} (e.g. Europe/Berlin)"
+            )
+        )
+        tz = "UTC"
+    if not isinstance(anchor, int) or isinstance(anchor, bool) or not 1 <= anchor <= 31:
+        problems.append(
+            Problem(_line(fields["anchor_day"][1]), "billing.anchor_day", f"must be an integer 1..31, got {anchor!r}")
+        )
+        anchor = 1
+    elif anchor != 1 and period != "MONTH":
+        problems.append(Problem(_line(fields["anchor_day"][1]), "billing.anchor_day", "only applies to period MONTH"))
+    return Billing(period=period, timezone=str(tz), anchor_day=anchor)
+
+
+def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter | None:
+    if not isinstance(node, yaml.MappingNode):
+        problems.append(Problem(_line(node), f"meters[{index}]", "must be a mapping with slug, eventType, aggregation"))
+        return None
+    fields = _mapping(node)
+    raw = {name: _plain(value) for name, (_, value) in fields.items()}
+    slug = raw.get("slug")
+    where = f"meter {slug!r}" if isinstance(slug, str) and slug else f"meters[{index}]"
+    before = len(problems)
+
+    def bad(field: str, message: str) -> None:
+        line = _line(fields[field][1]) if field in fields else _line(node)
+        problems.append(Problem(line, f"{where} {field}", message))
+
+    for name, (key, _) in fields.items():
+        if name not in METER_FIELDS:
+            problems.append(
+                Problem(_line(key), f"{where} {name}", "unknown field (a typo here would silently change billing)")
+            )
+    if not isinstance(slug, str) or not SLUG.match(slug) or len(slug) > 64:
+        bad("slug", "must be lowercase letters and digits joined by single underscores, 1-64 chars (e.g. tokens_total)")
+    event_type = raw.get("eventType")
+    if not isinstance(event_type, str) or not event_type:
+        bad("eventType", "is required and must be a non-empty string")
+    aggregation = raw.get("aggregation")
+    if aggregation not in AGGREGATIONS:
+        bad("aggregation", f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    value_property = raw.get("valueProperty")
+    value_path = None
+    if aggregation == "COUNT" and value_property is not None:
+        bad("valueProperty", "is not allowed when the aggregation is COUNT")
+    elif aggregation in AGGREGATIONS and aggregation != "COUNT":
+        if value_property is None:
+            bad("valueProperty", f"is required when the aggregation is {aggregation}")
+        else:
+            try:
+                value_path = normalise_path(value_property)
+            except JsonPathError as exc:
+                bad("valueProperty", f"{value_property!r} {exc}")
+    description = raw.get("description")
+    if description is not None and not isinstance(description, str):
+        bad("description", "must be a string")
+    group_by = raw.get("groupBy") or {}
+    group_paths: dict[str, str] = {}
+    if not isinstance(group_by, dict):
+        bad("groupBy", "must be a mapping of column name to JSONPath")
+        group_by = {}
+    for key, path in group_by.items():
+        key_s = str(key)
+        if not GROUP_KEY.match(key_s):
+            bad("groupBy", f"key {key_s!r} is invalid: only letters, digits and underscores, not starting with a digit")
+        elif key_s in RESERVED_COLUMNS:
+            bad("groupBy", f"key {key_s!r} is reserved for an output column; rename it")
+        try:
+            group_paths[key_s] = normalise_path(path)
+        except JsonPathError as exc:
+            bad("groupBy", f"path {path!r} for key {key_s!r} {exc}")
+            continue
+        if value_path is not None and group_paths[key_s] == value_path:
+            bad("groupBy", f"path {path!r} for key {key_s!r} is the same as valueProperty")
+    if len(problems) > before:
+        return None
+    return Meter(
+        slug=slug,
+        event_type=event_type,
+        aggregation=aggregation,
+        value_property=value_property,
+        group_by={str(k): str(v) for k, v in group_by.items()},
+        description=description,
+        value_path=value_path,
+        group_paths=group_paths,
+    )
+
+
+def parse_meters(text: str, source: str = "meters file") -> MeterSet:
+    """Validate a meters document; raise MeterConfigError listing every problem."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise MeterConfigError([Problem(line, "YAML", f"not valid YAML: {reason}")], source) from None
+    problems: list[Problem] = []
+    if root is None or not isinstance(root, yaml.MappingNode):
+        raise MeterConfigError([Problem(None, "file", "must be a mapping with a 'meters:' list")], source)
+    top = _mapping(root)
+    for name, (key, _) in top.items():
+        if name not in TOP_FIELDS:
+            problems.append(Problem(_line(key), name, "unknown top-level field (allowed: meters, billing)"))
+    billing = _check_billing(top["billing"][1], problems) if "billing" in top else Billing()
+    meters: list[Meter] = []
+    if "meters" not in top or not isinstance(top["meters"][1], yaml.SequenceNode):
+        problems.append(Problem(None, "meters", "a 'meters:' list is required"))
+    else:
+        seen: dict[str, int] = {}
+        for index, node in enumerate(top["meters"][1].value):
+            meter = _check_meter(node, index, problems)
+            if meter is None:
+                continue
+            if meter.slug in seen:
+                problems.append(
+                    Problem(
+                        _line(node),
+                        f"meter {meter.slug!r} slug",
+                        f"duplicate slug (first defined on line {seen[meter.slug]})",
+                    )
+                )
+                continue
+            seen[meter.slug] = _line(node)
+            meters.append(meter)
+    if problems:
+        raise MeterConfigError(problems, source)
+    return MeterSet(billing=billing, meters=tuple(meters))
+
+
+def load_meters(text: str, source: str = "meters file") -> MeterSet:
+    return parse_meters(text, source)
+
+
+def load_meters_file(path: str | Path) -> MeterSet:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MeterConfigError([Problem(None, "file", "not found")], str(p)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MeterConfigError([Problem(None, "file", f"cannot be read: {exc}")], str(p)) from None
+    return parse_meters(text, str(p))

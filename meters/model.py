@@ -1,0 +1,65 @@
+"""The validated meter model: plain frozen dataclasses, no behaviour beyond what billing needs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+AGGREGATIONS = ("SUM", "COUNT", "UNIQUE_COUNT", "AVG", "MIN", "MAX", "LATEST")
+PERIODS = ("MONTH", "WEEK", "DAY")
+# Columns every output table has; a groupBy key may not shadow them.
+RESERVED_COLUMNS = ("subject", "window_start", "window_end", "value", "event_count", "period_start", "date")
+
+
+@dataclass(frozen=True)
+class Billing:
+    period: str = "MONTH"
+    timezone: str = "UTC"
+    anchor_day: int = 1
+
+
+@dataclass(frozen=True)
+class Meter:
+    slug: str
+    event_type: str
+    aggregation: str
+    value_property: str | None = None
+    group_by: dict[str, str] = field(default_factory=dict)
+    description: str | None = None
+    # JSONPaths rewritten into the dialect Polars' json_path_match reads (same meaning).
+    value_path: str | None = None
+    group_paths: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the meter's numbers (description excluded)."""
+        payload = {
+            "event_type": self.event_type,
+            "aggregation": self.aggregation,
+            "value_path": self.value_path,
+            "group_paths": list(self.group_paths.items()),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MeterSet:
+    billing: Billing
+    meters: tuple[Meter, ...]
+
+    def get(self, slug: str) -> Meter:
+        for meter in self.meters:
+            if meter.slug == slug:
+                return meter
+        known = ", ".join(m.slug for m in self.meters) or "none"
+        raise KeyError(f"unknown meter {slug!r} (known: {known})")
+
+    def select(self, slugs: list[str] | None) -> MeterSet:
+        if not slugs:
+            return self
+        return MeterSet(self.billing, tuple(self.get(s) for s in slugs))
+
+    def fingerprints(self) -> dict[str, str]:
+        """Per-meter fingerprint including the billing block, which shapes every period table."""
+        billing = json.dumps(asdict(self.billing), sort_keys=True)
+        return {m.slug: hashlib.sha256((m.fingerprint() + billing).encode()).hexdigest()[:16] for m in self.meters}

@@ -1,0 +1,190 @@
+"""Turn the bytes of one landed batch into envelope records, keeping every key and every bad line.
+
+JSONL is read with an explicit all-text schema (Polars' inference drops keys first seen late). A file
+with a malformed line falls back to a per-line parse so only that line is quarantined.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from dataclasses import dataclass
+
+import polars as pl
+
+from transforms.schema import ENVELOPE, conform, empty
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+PARQUET_SUFFIXES = (".parquet",)
+BATCH_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+# Values of string attributes that Polars may have produced from a non-string JSON value.
+_MAYBE_NOT_STRING = r"^(?s:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|\{.*|\[.*)$"
+STRING_ATTRS = ("id", "source", "type", "subject", "specversion", "datacontenttype")
+
+MALFORMED = {"line": pl.Int64, "raw": pl.String, "message": pl.String}
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """Records (ENVELOPE + line, one row per record) and what could not be parsed."""
+
+    records: pl.DataFrame
+    malformed: pl.DataFrame  # MALFORMED rows: lines that are not a JSON object
+    unreadable: str | None  # why the whole file could not be read, if it could not
+    kind: str  # "jsonl" or "parquet"
+    content: bytes = b""  # the decompressed JSONL text, to quote rejected lines exactly
+
+
+def is_batch(name: str) -> bool:
+    return name.lower().endswith(BATCH_SUFFIXES)
+
+
+def parse_batch(raw: bytes, name: str) -> Parsed:
+    lower = name.lower()
+    if lower.endswith(PARQUET_SUFFIXES):
+        return parse_parquet(raw)
+    if lower.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            return _unreadable(f"bad gzip: {exc}", "jsonl")
+    return parse_jsonl(raw)
+
+
+def _unreadable(why: str, kind: str) -> Parsed:
+    return Parsed(empty({**ENVELOPE, "line": pl.Int64}), empty(MALFORMED), why, kind)
+
+
+def _nonblank_line_numbers(raw: bytes) -> list[int]:
+    return [i + 1 for i, line in enumerate(raw.split(b"\n")) if line.strip()]
+
+
+def parse_jsonl(raw: bytes) -> Parsed:
+    try:
+        records = pl.read_ndjson(io.BytesIO(raw), schema=ENVELOPE)
+    except Exception:  # noqa: BLE001 - any parse failure means: find the bad lines one by one
+        return _parse_jsonl_by_line(raw)
+    # Row i is line i+1 unless the file has blank lines; only then pay for the split.
+    newlines = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
+    if newlines == records.height:
+        lines = pl.int_range(1, records.height + 1, eager=True, dtype=pl.Int64)
+    else:
+        numbers = _nonblank_line_numbers(raw)
+        if len(numbers) != records.height:
+            return _parse_jsonl_by_line(raw)
+        lines = pl.Series(numbers, dtype=pl.Int64)
+    records = records.with_columns(line=lines)
+    return Parsed(_check_string_types(records, raw), empty(MALFORMED), None, "jsonl", raw)
+
+
+def _parse_jsonl_by_line(raw: bytes) -> Parsed:
+    good: list[bytes] = []
+    good_lines: list[int] = []
+    bad: list[dict] = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            bad.append({"line": number, "raw": line.decode("utf-8", "replace"), "message": f"not JSON: {exc}"})
+            continue
+        if not isinstance(value, dict):
+            kind = type(value).__name__
+            bad.append(
+                {"line": number, "raw": line.decode("utf-8", "replace"), "message": f"a JSON {kind}, not an object"}
+            )
+            continue
+        good.append(line)
+        good_lines.append(number)
+    records = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=ENVELOPE) if good else empty(ENVELOPE)
+    records = records.with_columns(line=pl.Series(good_lines, dtype=pl.Int64))
+    malformed = pl.DataFrame(bad, schema=MALFORMED) if bad else empty(MALFORMED)
+    return Parsed(_check_string_types(records, raw), malformed, None, "jsonl", raw)
+
+
+def _check_string_types(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
+    """Null out attributes that were JSON numbers, booleans, objects or arrays (Polars stringifies them)."""
+    suspects = records.filter(pl.any_horizontal(pl.col(a).str.contains(_MAYBE_NOT_STRING) for a in STRING_ATTRS))
+    if suspects.is_empty():
+        return records
+    all_lines = raw.split(b"\n")
+    fixes: dict[str, list[int]] = {a: [] for a in STRING_ATTRS}
+    for number in suspects["line"].to_list():
+        value = json.loads(all_lines[number - 1])
+        for attr in STRING_ATTRS:
+            if attr in value and value[attr] is not None and not isinstance(value[attr], str):
+                fixes[attr].append(number)
+    return records.with_columns(
+        pl.when(pl.col("line").is_in(numbers)).then(None).otherwise(pl.col(attr)).alias(attr)
+        for attr, numbers in fixes.items()
+        if numbers
+    )
+
+
+def line_texts(raw: bytes, numbers: list[int]) -> dict[int, str]:
+    """The exact text of the given 1-based lines, for quarantine rows."""
+    if not numbers:
+        return {}
+    lines = raw.split(b"\n")
+    return {n: lines[n - 1].decode("utf-8", "replace") for n in numbers}
+
+
+def parse_parquet(raw: bytes) -> Parsed:
+    try:
+        df = pl.read_parquet(io.BytesIO(raw))
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt file: quarantine it whole
+        return _unreadable(f"unreadable Parquet: {str(exc).splitlines()[0][:200]}", "parquet")
+    columns = []
+    for name, _dtype in ENVELOPE.items():
+        if name not in df.columns:
+            columns.append(pl.lit(None, pl.String).alias(name))
+            continue
+        have = df.schema[name]
+        if name == "time":
+            columns.append(_time_text(pl.col(name), have))
+        elif name == "data":
+            columns.append(_data_text(pl.col(name), have))
+        elif have in (pl.String, pl.Categorical) or isinstance(have, (pl.Categorical, pl.Enum)):
+            columns.append(pl.col(name).cast(pl.String))
+        else:  # a non-string attribute is treated as absent: it fails validation with its reason
+            columns.append(pl.lit(None, pl.String).alias(name))
+    records = df.select(columns).with_columns(line=pl.int_range(1, df.height + 1, dtype=pl.Int64))
+    return Parsed(conform(records, {**ENVELOPE, "line": pl.Int64}), empty(MALFORMED), None, "parquet")
+
+
+def _time_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    if isinstance(dtype, pl.Datetime):
+        utc = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
+        return utc.cast(pl.Datetime("ns", "UTC")).dt.strftime("%Y-%m-%dT%H:%M:%S%.9fZ").alias("time")
+    if dtype == pl.String:
+        return col
+    return pl.lit(None, pl.String).alias("time")
+
+
+def _data_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    if isinstance(dtype, pl.Struct):
+        text = col.struct.json_encode()
+        return pl.when(col.is_null()).then(None).otherwise(text).alias("data")
+    if dtype == pl.String:
+        return col
+    if dtype == pl.Null:
+        return pl.lit(None, pl.String).alias("data")
+    # A list or number is not a JSON object; keep a readable trace so validation can reject it.
+    return pl.lit("<not an object>", pl.String).alias("data")
+
+
+def rows_as_json(records: pl.DataFrame) -> pl.Series:
+    """A record's envelope as compact JSON, the raw text of a Parquet row in quarantine."""
+    return records.select(pl.struct(list(ENVELOPE)).struct.json_encode()).to_series()
+
+
+def with_raw_text(rejects: pl.DataFrame, parsed: Parsed) -> pl.DataFrame:
+    """Fill the `raw` column of rejected records with the exact source line (JSONL) or row JSON (Parquet)."""
+    if rejects.is_empty() or parsed.kind != "jsonl":
+        return rejects
+    texts = line_texts(parsed.content, rejects["line"].to_list())
+    return rejects.with_columns(raw=pl.Series([texts[n] for n in rejects["line"].to_list()], dtype=pl.String))

@@ -1,0 +1,48 @@
+"""Compose extraction, windows and aggregation into a meter's hourly and billing-period tables."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from meters import Billing, Meter
+from transforms.aggregate import aggregate
+from transforms.extract import EXCLUSION_MESSAGES
+from transforms.schema import QUARANTINE
+from transforms.windows import hour_start, local_date
+
+
+def hourly_table(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
+    """UTC-hour windows, with the `date` partition key (UTC date) stored as a column too."""
+    windowed = extracted.with_columns(window_start=hour_start(pl.col("time"))).with_columns(
+        window_end=pl.col("window_start").dt.offset_by("1h")
+    )
+    return aggregate(windowed, meter).with_columns(date=pl.col("window_start").dt.strftime("%Y-%m-%d"))
+
+
+def period_table(extracted: pl.LazyFrame, meter: Meter, billing: Billing, periods: pl.DataFrame) -> pl.LazyFrame:
+    """Billing-period windows; `periods` maps local dates to windows (transforms.windows.period_table)."""
+    windowed = extracted.with_columns(local_date=local_date(pl.col("time"), billing.timezone)).join(
+        periods.lazy().select("local_date", "window_start", "window_end"), on="local_date", how="inner"
+    )
+    start_local = pl.col("window_start").dt.convert_time_zone(billing.timezone)
+    return aggregate(windowed, meter).with_columns(period_start=start_local.dt.strftime("%Y-%m-%d"))
+
+
+def exclusions(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
+    """Quarantine rows (stage `meter`) for events this meter could not use."""
+    return (
+        extracted.filter(pl.col("excluded").is_not_null())
+        .select(
+            stage=pl.lit("meter"),
+            reason=pl.col("excluded"),
+            message=pl.col("excluded").replace_strict(EXCLUSION_MESSAGES, default=None, return_dtype=pl.String),
+            file=pl.col("file"),
+            line=pl.col("line"),
+            event_id=pl.col("id"),
+            meter=pl.lit(meter.slug),
+            raw=pl.col("data"),
+            batch=pl.col("batch"),
+            date=pl.col("date"),
+        )
+        .cast(QUARANTINE)
+    )  # type: ignore[arg-type]

@@ -1,0 +1,80 @@
+"""Envelope validation: each record gets the first failing check as its reason, or passes with a UTC time."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from transforms.schema import ENVELOPE, TIME
+
+# RFC 3339 with a mandatory offset; any number of fraction digits (kept to nanoseconds, truncated).
+RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+
+REASONS = {
+    "missing_id": "id is absent, null, empty or not a string",
+    "missing_source": "source is absent, null, empty or not a string",
+    "missing_type": "type is absent, null, empty or not a string",
+    "missing_subject": "subject is absent, null, empty or not a string",
+    "missing_time": "time is absent or null",
+    "bad_time": "time is not RFC 3339 with an offset (e.g. 2024-01-01T00:00:00Z)",
+    "bad_data": "data is present but is not a JSON object or null",
+}
+
+
+def _missing(name: str) -> pl.Expr:
+    return pl.col(name).is_null() | (pl.col(name) == "")
+
+
+def parse_time(text: pl.Expr) -> pl.Expr:
+    """RFC 3339 text to UTC nanoseconds; null where the text is not RFC 3339 with an offset."""
+    normal = (
+        text.str.replace(r"^(.{10})[t]", "${1}T")
+        .str.replace(r"[Zz]$", "+00:00")
+        .str.replace(r"(\.\d{9})\d+", "${1}")  # truncate beyond nanoseconds
+    )
+    parsed = normal.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="ns", time_zone="UTC", strict=False)
+    return pl.when(text.str.contains(RFC3339)).then(parsed).otherwise(None).cast(TIME)
+
+
+def reason_expr() -> pl.Expr:
+    """The first failing check, in the SPEC's order; null for a valid record (needs column `_time`)."""
+    return (
+        pl.when(_missing("id"))
+        .then(pl.lit("missing_id"))
+        .when(_missing("source"))
+        .then(pl.lit("missing_source"))
+        .when(_missing("type"))
+        .then(pl.lit("missing_type"))
+        .when(_missing("subject"))
+        .then(pl.lit("missing_subject"))
+        .when(pl.col("time").is_null())
+        .then(pl.lit("missing_time"))
+        .when(pl.col("_time").is_null())
+        .then(pl.lit("bad_time"))
+        .when(pl.col("data").is_not_null() & ~pl.col("data").str.starts_with("{"))
+        .then(pl.lit("bad_data"))
+        .otherwise(None)
+    )
+
+
+def validate(records: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split records into (valid, rejected). Valid rows get `time` as UTC Datetime(ns) and a `date`.
+
+    Rejected rows keep the envelope text plus `reason` and `message`.
+    """
+    checked = records.with_columns(_time=parse_time(pl.col("time"))).with_columns(_reason=reason_expr())
+    valid = (
+        checked.filter(pl.col("_reason").is_null())
+        .with_columns(time=pl.col("_time"))
+        .with_columns(date=pl.col("time").dt.strftime("%Y-%m-%d"))
+        .drop("_time", "_reason")
+    )
+    rejected = (
+        checked.filter(pl.col("_reason").is_not_null())
+        .with_columns(
+            reason=pl.col("_reason"),
+            message=pl.col("_reason").replace_strict(REASONS, default=None, return_dtype=pl.String),
+            raw=pl.struct(list(ENVELOPE)).struct.json_encode(),
+        )
+        .drop("_time", "_reason")
+    )
+    return valid, rejected
