@@ -174,6 +174,9 @@ def ingest(storage: Storage, run_id: str, batches: list[FileInfo], billing: Bill
 
     Writes `_state/pending/<run>.json` first, so a crash here is rolled back by the next run.
     """
+    for pending in state.read_pendings(storage):
+        if pending.run_id == run_id:  # a retried attempt: undo the partial one first
+            storage.delete(pending.files)
     manifest = state.read_manifest(storage)
     known = set(manifest["batch"].to_list())
     new, quarantine, rows, unchanged = read_batches(storage, batches, known)
@@ -345,9 +348,13 @@ def recover(storage: Storage) -> tuple[dict, list[state.Pending]]:
     redo: dict = {}
     stale: list[state.Pending] = []
     for pending in state.read_pendings(storage):
-        if pending.run_id in committed:
+        if pending.run_id in committed:  # committed: finish its deletes (re-ingest) and redo its tables
             storage.delete(pending.deletes)
-            state.clear_pending(storage, pending.run_id)
+            if pending.deletes:
+                redo = merge_touched(redo, pending.touched)
+                stale.append(pending)
+            else:
+                state.clear_pending(storage, pending.run_id)
             continue
         storage.delete(pending.files)  # roll back: the batches are read again by this run
         redo = merge_touched(redo, pending.touched)
@@ -475,3 +482,108 @@ def format_summary(summary: dict) -> str:
 
 def as_dict(obj: Any) -> dict:
     return asdict(obj)
+
+
+# --- backfill ----------------------------------------------------------------------------------------
+def _days(start: dt.date, end: dt.date) -> list[str]:
+    return [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days)]
+
+
+def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, end: dt.date) -> IngestResult:
+    """Rebuild events/ for UTC dates [start, end) from every landed batch (after a parsing fix, say).
+
+    New event files are written first, then the manifest commits the run, then old files are deleted
+    (the pending record lists them, so a crash in between is finished by the next run).
+    """
+    batches = sorted(storage.list_files(LANDING, BATCH_SUFFIXES), key=lambda f: (f.mtime, f.path))
+    new, quarantine, rows, _ = read_batches(storage, batches, set())
+    in_range = set(_days(start, end))
+    kept, dups = dedupe(new.filter(pl.col("date").is_in(sorted(in_range))))
+    kept = conform(kept, EVENT)
+    by_date = event_files_by_date(storage)
+    old = [p for d in sorted(in_range) for p in by_date.get(d, [])]
+    dates = sorted(set(kept["date"].to_list()))
+    files = [event_file(d, run_id) for d in dates]
+    touched = merge_touched(
+        touched_by(kept, billing),
+        {t: {"dates": sorted(in_range), "local_dates": []} for t in set(new["type"].to_list())},
+    )
+    state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=touched, deletes=old))
+    for (d,), part in kept.group_by(["date"], maintain_order=True):
+        storage.write_parquet(event_file(str(d), run_id), part)
+    for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
+        storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
+    state.commit_manifest(storage, run_id, [{**r, "run_id": run_id} for r in rows])
+    storage.delete(old)
+    reasons = Counter(quarantine["reason"].to_list())
+    return IngestResult(
+        batches=len(batches),
+        records=new.height + quarantine.height,
+        valid=new.height,
+        duplicates=dups.height,
+        stored=kept.height,
+        quarantined=dict(sorted(reasons.items())),
+        touched=touched,
+        files=files,
+    )
+
+
+def backfill(
+    storage: Storage,
+    meterset: MeterSet,
+    start: dt.date,
+    end: dt.date,
+    *,
+    slugs: list[str] | None = None,
+    reingest_landing: bool = False,
+    step: Step = direct,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int, str], None] | None = None,
+    lock_ttl: int = LOCK_TTL,
+) -> dict:
+    """Recompute the tables of the selected meters for [start, end) from events/ (or re-read landing/).
+
+    Idempotent: a second identical backfill rewrites the same partitions with the same rows.
+    """
+    if end <= start:
+        raise ValueError(f"--to ({end}) must be after --from ({start})")
+    started = time.perf_counter()
+    selected = meterset.select(slugs)
+    run_id = state.new_run_id()
+    storage.check_root()
+    state.acquire_lock(storage, run_id, lock_ttl)
+    try:
+        redo, stale = step("recover", recover, storage)
+        result = IngestResult()
+        if reingest_landing:
+            result = step("reingest", reingest, storage, run_id, meterset.billing, start, end)
+        dates = _days(start, end)
+        # local dates of the range, widened by a day either side so every overlapping period is rebuilt
+        local = _days(start - dt.timedelta(days=1), end + dt.timedelta(days=1))
+        touched = {m.event_type: {"dates": dates, "local_dates": local} for m in selected.meters}
+        state.write_pending(storage, state.Pending(run_id=run_id, touched=merge_touched(touched, redo)))
+        for pending in stale:
+            state.clear_pending(storage, pending.run_id)
+        summary: dict = {}
+        types = sorted(touched)
+        for i, event_type in enumerate(types):
+            if progress:
+                progress(i, len(types), event_type)
+            summary.update(recompute_all(storage, selected, {event_type: touched[event_type]}, step))
+        if redo:
+            summary.update(recompute_all(storage, meterset, redo, step))
+        if progress:
+            progress(len(types), len(types), "done")
+        all_dates = sorted(event_files_by_date(storage))
+        covers_all = not all_dates or (all_dates[0] >= start.isoformat() and all_dates[-1] < end.isoformat())
+        fps = update_fingerprints(
+            storage, meterset, first_run=False, rebuilt=[m.slug for m in selected.meters] if covers_all else []
+        )
+        state.clear_pending(storage, run_id)
+        out = _summary(run_id, "backfill", result, summary, started, fps)
+        out["range"] = [start.isoformat(), end.isoformat()]
+        state.write_run_record(storage, run_id, out)
+    finally:
+        state.release_lock(storage, run_id)
+    log(format_summary(out))
+    return out

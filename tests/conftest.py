@@ -1,0 +1,10 @@
+"""Shared fixtures. Prefect's harness starts only for tests that ask for it (once per session)."""
+
+import os
+import tempfile
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="meterlake-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+pytest_plugins = ["fixtures_prefect"]
