@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date,
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -181,6 +182,461 @@ def serve(
     )
 
 
+# --- operator commands: query, preview, quarantine, status, report ---------------------------------------
+# Output fits an 80-column terminal: rich tables are capped at 80 columns and long cells fold.
+WIDTH = 80
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+@contextlib.contextmanager
+def _user_mistakes():
+    """Turn the Python API's one-line errors (ToolError, QueryError) into exit code 2."""
+    from flows.tools import ToolError
+    from transforms.query import QueryError
+
+    try:
+        yield
+    except (ToolError, QueryError) as exc:
+        fail(str(exc))
+
+
+def _console(file=None):
+    from rich.console import Console
+
+    width = min(WIDTH, Console().width) if file is None else WIDTH
+    return Console(width=width, file=file, highlight=False, markup=False, emoji=False, soft_wrap=False)
+
+
+def _num(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value)}"
+        return repr(value)
+    return str(value)
+
+
+def _when(value) -> str:
+    if value is None:
+        return "null"
+    spec = "minutes" if not value.second and not value.microsecond else "seconds"
+    spec = "microseconds" if value.microsecond else spec
+    return value.isoformat(sep=" ", timespec=spec)
+
+
+def _table(columns: list[str], rows: list[list], title: str | None = None, numeric: tuple[str, ...] = ()):
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(
+        title=Text(title) if title else None, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False
+    )
+    for c in columns:
+        table.add_column(c, justify="right" if c in numeric else "left", overflow="fold")
+    for row in rows:  # Text, not markup: a subject like "[bold]" is data
+        table.add_row(*[Text(v if isinstance(v, str) else _num(v)) for v in row])
+    return table
+
+
+def _parse_filters(items: list[str] | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--filter: {item!r} is not KEY=VALUE (e.g. --filter model=gpt-4)")
+        out.setdefault(key.strip(), []).append(value)
+    return out
+
+
+def _write_out(out: str, data: bytes) -> None:
+    """Write a result file the user asked for (their own path, outside the storage root)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        fail(f"--out: {out} is a folder; give a file name")
+    if not path.parent.exists():
+        fail(f"--out: folder {path.parent} does not exist")
+    path.write_bytes(data)
+
+
+def _emit(out: str | None, text: str) -> None:
+    if out:
+        _write_out(out, text.encode())
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command()
+def query(
+    slug: Annotated[str, typer.Argument(help="Meter slug, as in the meters file.")],
+    from_: Annotated[
+        str, typer.Option("--from", help="Start (inclusive): RFC 3339 with offset, or a date (midnight in --tz).")
+    ],
+    to: Annotated[str, typer.Option("--to", help="End (exclusive): RFC 3339 with offset, or a date.")],
+    window: Annotated[
+        str | None,
+        typer.Option("--window", "-w", help="MINUTE, HOUR, DAY or MONTH, aligned in --tz; none: one row per group."),
+    ] = None,
+    tz: Annotated[str, typer.Option("--tz", help="IANA time zone of windows, dates and output times.")] = "UTC",
+    subject: Annotated[
+        list[str] | None, typer.Option("--subject", "-s", help="Only this subject (repeatable); groups by subject.")
+    ] = None,
+    group_by: Annotated[
+        list[str] | None, typer.Option("--group-by", "-g", help="Group by `subject` or a groupBy key (repeatable).")
+    ] = None,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="KEY=VALUE on a groupBy key (repeatable; same key = any of).")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="table, csv, json (OpenMeter v1 shape) or parquet.")
+    ] = "table",
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    root: RootOpt = "data",
+    meters: MetersOpt = "data/meters.yaml",
+) -> None:
+    """Query a meter over [--from, --to) with OpenMeter's semantics, exactly, from the curated events.
+
+    Example: meterlake query tokens_total --from 2024-01-01 --to 2024-02-01 -w DAY
+
+    Example: meterlake query tokens_total --from 2024-01-01T06:00:00+01:00
+    --to 2024-01-02 --tz Europe/Berlin -w HOUR -g model --filter type=input -f json
+    """
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        fail(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and not out:
+        fail("--format parquet needs --out FILE")
+    from flows import tools
+    from transforms.query import rfc3339, to_openmeter
+
+    meterset = _load(meters)
+    with _user_mistakes():
+        meter, q = tools.plan_query(
+            meterset,
+            slug,
+            from_,
+            to,
+            window=window,
+            tz=tz,
+            subjects=subject,
+            group_by=group_by,
+            filters=_parse_filters(filter_),
+        )
+        storage = _storage(root)
+        df = tools.run_planned(storage, meter, q)
+    if fmt == "json":
+        import json
+
+        text = json.dumps(to_openmeter(df, q), indent=2) + "\n"
+        _emit(out, text)
+    elif fmt == "csv":
+        import polars as pl
+
+        as_text = df.with_columns(
+            pl.Series(c, [rfc3339(v) for v in df[c].to_list()], dtype=pl.String) for c in ("window_start", "window_end")
+        )
+        data = as_text.write_csv()
+        _emit(out, data)
+    elif fmt == "parquet":
+        import io
+
+        buf = io.BytesIO()
+        df.write_parquet(buf)
+        _write_out(out, buf.getvalue())
+    else:
+        keys = list(q.group_by)
+        span = f"[{_when(q.start.astimezone(_zone(q.tz)))}, {_when(q.end.astimezone(_zone(q.tz)))})"
+        title = f"{slug} ({meter.aggregation}) {span} window {q.window or 'none'}, {q.tz}"
+        columns = ["window_start", "window_end", *keys, "value"] if q.window else [*keys, "value"]
+        rows = []
+        for r in df.iter_rows(named=True):
+            times = [_when(r["window_start"]), _when(r["window_end"])] if q.window else []
+            rows.append([*times, *[r[k] for k in keys], r["value"]])
+        if out:
+            import io
+
+            buf = io.StringIO()
+            console = _console(buf)
+        else:
+            console = _console()
+        if not rows:
+            console.print(f"{title}\nno rows: no counted events of type {meter.event_type!r} in the range")
+        else:
+            console.print(title)
+            console.print(_table(columns, rows, numeric=("value",)))
+            console.print(f"{len(rows)} row(s)")
+        if out:
+            _write_out(out, buf.getvalue().encode())
+    if out:
+        typer.echo(f"wrote {df.height} row(s) to {out}", err=True)
+
+
+def _zone(tz: str):
+    import zoneinfo
+
+    return zoneinfo.ZoneInfo(tz)
+
+
+@app.command()
+def preview(
+    file: Annotated[str, typer.Argument(help="Meters YAML file to try.")],
+    events: Annotated[list[str], typer.Argument(help="Sample event files: JSONL (.jsonl/.ndjson[.gz]) or Parquet.")],
+    root: Annotated[
+        str | None,
+        typer.Option("--root", "-r", help="Compare each meter with the definition last used at this root."),
+    ] = None,
+    rows: Annotated[int, typer.Option("--rows", help="Period rows to show per meter.")] = 10,
+    limit: Annotated[int, typer.Option("--limit", help="Excluded and rejected records to show.")] = 10,
+) -> None:
+    """Dry-run a meters file on sample event files; storage is never written.
+
+    Shows per meter the period rows it would publish and the events it would exclude and why, then the
+    records rejected before metering.
+
+    Example: meterlake preview meters.yaml samples/day1.jsonl --root data
+    """
+    from flows import tools
+
+    meterset = _load(file)
+    with _user_mistakes():
+        result = tools.preview(meterset, events, root=root)
+    console = _console()
+    t = result.totals
+    console.print(
+        f"{file}: {len(meterset.meters)} meter(s) on {len(events)} sample file(s): {result.events} valid event(s), "
+        f"{result.rejected.height} record(s) rejected before metering"
+    )
+    columns = ["meter", "aggregation", "events", "excl.", "rows", "total"]
+    if root is not None:
+        columns.append("definition")
+    table_rows = []
+    for r in t.iter_rows(named=True):
+        row = [r["slug"], r["aggregation"], r["events"], r["excluded"], r["rows"], r["total"]]
+        if root is not None:
+            row.append(r["definition"] or "no record")
+        table_rows.append(row)
+    console.print(_table(columns, table_rows, numeric=("events", "excl.", "rows", "total")))
+    if root is not None:
+        changed = t.filter(t["definition"].is_in(["changed", "new"]))["slug"].to_list()
+        if t["definition"].is_null().all():
+            console.print(f"no _state/meters.json under {root}: nothing to compare with (never run)")
+        elif changed:
+            console.print(
+                "changed or new since the last run: " + ", ".join(changed) + "; their published history needs "
+                "`meterlake backfill --meter SLUG` once deployed (old definitions are not stored, so old totals "
+                "cannot be recomputed here)"
+            )
+        if result.removed:
+            console.print("no longer defined (tables stay as published): " + ", ".join(result.removed))
+    for meter in meterset.meters:
+        table = result.rows[meter.slug]
+        if table.is_empty():
+            continue
+        keys = ["subject", *meter.group_paths]
+        shown = table.head(rows)
+        body = [
+            [r["period_start"], *[r[k] for k in keys], r["value"], r["event_count"]]
+            for r in shown.iter_rows(named=True)
+        ]
+        more = f" (first {rows} of {table.height})" if table.height > rows else ""
+        console.print(
+            _table(
+                ["period", *keys, "value", "events"],
+                body,
+                title=f"{meter.slug}: period rows{more}",
+                numeric=("value", "events"),
+            )
+        )
+    for label, frame in (("excluded by a meter", result.excluded), ("rejected before metering", result.rejected)):
+        if frame.is_empty():
+            continue
+        console.print(f"{label}: {frame.height}" + (f" (first {limit})" if frame.height > limit else ""))
+        for r in frame.head(limit).iter_rows(named=True):
+            for line in _record_lines(r):
+                typer.echo(line)
+
+
+def _clip(text: str, width: int = WIDTH - 1) -> str:
+    text = text.replace("\n", " ").replace("\r", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _clip_left(text: str, width: int = WIDTH - 1) -> str:
+    """Keep the end of a long path: its file name and line number are what matter."""
+    return text if len(text) <= width else "..." + text[len(text) - width + 3 :]
+
+
+def _record_lines(r: dict, with_date: bool = False) -> list[str]:
+    """A rejected record in lines of at most 79 characters: why, where (file:line), message, raw text."""
+    head = f"  {r['date']} " if with_date and r.get("date") else "  "
+    head += f"{r['stage']} {r['reason']}"
+    if r.get("meter"):
+        head += f" meter={r['meter']}"
+    if r.get("event_id"):
+        head += f" id={r['event_id']}"
+    where = f"{r['file']}:{r['line']}" if r.get("line") is not None else str(r.get("file"))
+    lines = [_clip(head), "    at " + _clip_left(where, WIDTH - 8)]
+    if r.get("message"):
+        lines.append(_clip("    " + r["message"]))
+    if r.get("raw"):
+        lines.append(_clip("    raw: " + r["raw"]))
+    return lines
+
+
+@app.command()
+def quarantine(
+    since: Annotated[str | None, typer.Option("--since", help="Only records dated on or after YYYY-MM-DD.")] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Only this reason (e.g. bad_time, bad_value).")] = None,
+    meter: Annotated[str | None, typer.Option("--meter", help="Only events this meter excluded.")] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Only this stage: file, envelope, dedupe, meter.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Records to list after the counts.")] = 20,
+    root: RootOpt = "data",
+) -> None:
+    """Show rejected records: counts by stage and reason, then the first ones with file and line.
+
+    Dates are the day a record was quarantined, or the event's UTC date for stage `meter`.
+
+    Example: meterlake quarantine --since 2024-01-01 --reason bad_time --limit 5
+    """
+    from flows import tools
+
+    if limit < 0:
+        fail("--limit must be 0 or more")
+    with _user_mistakes():
+        storage = _storage(root)
+        counts = tools.quarantine_counts(storage, since=since, reason=reason, meter=meter, stage=stage)
+        records = tools.quarantine(storage, since=since, reason=reason, meter=meter, stage=stage, limit=limit)
+    console = _console()
+    total = int(counts["count"].sum() or 0)
+    if not total:
+        console.print("quarantine is empty for this selection")
+        return
+    body = [[r["stage"], r["reason"], r["meter"] or "-", r["count"]] for r in counts.iter_rows(named=True)]
+    console.print(
+        _table(["stage", "reason", "meter", "records"], body, title=f"{total} rejected record(s)", numeric=("records",))
+    )
+    if limit:
+        console.print(f"first {records.height}:")
+        for r in records.iter_rows(named=True):
+            for line in _record_lines(r, with_date=True):
+                typer.echo(line)
+
+
+@app.command()
+def status(
+    root: RootOpt = "data",
+    meters: MetersOpt = "data/meters.yaml",
+    last: Annotated[int, typer.Option("--last", help="Run records to show.")] = 5,
+) -> None:
+    """Show runs, waiting batches, newest event, published periods, stale meters and the lock.
+
+    Example: meterlake status --root data --meters data/meters.yaml
+    """
+    from flows import tools
+    from meters import MeterConfigError
+    from transforms.query import rfc3339
+
+    storage = _storage(root)
+    console = _console()
+    meterset = None
+    try:
+        meterset = _load(meters)
+    except MeterConfigError as exc:
+        console.print(f"note: {exc.source} not usable ({exc.problems[0]}); meter definitions not checked")
+    lock = tools.lock_holder(storage)
+    if lock is None:
+        console.print("lock: free")
+    else:
+        state = "expired, the next run takes it over" if lock.get("expired") else f"until {lock.get('expires_at')}"
+        console.print(f"lock: held by run {lock.get('run_id')} on {lock.get('host')} pid {lock.get('pid')} ({state})")
+    recent = tools.runs(storage, last=last)
+    if recent.is_empty():
+        console.print("runs: none recorded yet")
+    else:
+        body = [
+            [
+                r["run_id"],
+                r["kind"] or "-",
+                r["status"],
+                r["batches"],
+                r["events_stored"],
+                r["quarantined"],
+                r["seconds"],
+            ]
+            for r in recent.iter_rows(named=True)
+        ]
+        console.print(
+            _table(
+                ["run", "kind", "outcome", "batches", "stored", "quar.", "secs"],
+                body,
+                title="last runs",
+                numeric=("batches", "stored", "quar.", "secs"),
+            )
+        )
+    waiting = tools.waiting_batches(storage)
+    if waiting.is_empty():
+        console.print("landing: no batches waiting")
+    else:
+        size = int(waiting["size"].sum())
+        console.print(f"landing: {waiting.height} batch(es) waiting ({size} bytes), first {waiting['path'][0]}")
+    newest = tools.newest_event_time(storage)
+    console.print(f"newest event: {rfc3339(newest) if newest else 'none'}")
+    table = tools.status(storage, meterset)
+    if table.is_empty():
+        console.print("meters: none")
+        return
+    body = [
+        [r["slug"], r["periods"], r["first_period"] or "-", r["last_period"] or "-", r["definition"] or "?"]
+        for r in table.iter_rows(named=True)
+    ]
+    console.print(
+        _table(
+            ["meter", "periods", "first", "last", "definition"], body, title="published periods", numeric=("periods",)
+        )
+    )
+    stale = table.filter(table["stale"].fill_null(False))["slug"].to_list()
+    if stale:
+        console.print(
+            "stale: " + ", ".join(stale) + " changed or were added after their history was built; "
+            "rebuild with `meterlake backfill --from FIRST --to END --meter SLUG`"
+        )
+
+
+@app.command()
+def report(
+    slug: Annotated[str, typer.Argument(help="Meter slug.")],
+    period: Annotated[str, typer.Option("--period", "-p", help="Billing period: its month (2024-01) or first day.")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="HTML file (default report-SLUG-PERIOD.html).")] = None,
+    top: Annotated[int, typer.Option("--top", help="Rows in each top table.")] = 10,
+    root: RootOpt = "data",
+    meters: MetersOpt = "data/meters.yaml",
+) -> None:
+    """Write a self-contained HTML report of one billing period: daily usage chart, top subjects and groups.
+
+    Example: meterlake report tokens_total --period 2024-01 --out report.html
+    """
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        fail("the report needs plotly: pip install 'meterlake[report]'")
+    from flows.report import render
+
+    if top < 1:
+        fail("--top must be 1 or more")
+    meterset = _load(meters)
+    with _user_mistakes():
+        storage = _storage(root)
+        page = render(storage, meterset, slug, period, top=top)
+    target = out or f"report-{slug}-{period}.html"
+    _write_out(target, page.encode())
+    typer.echo(f"wrote {target} ({len(page) // 1024} KB, opens without network)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps known errors to one-line messages and exit codes."""
     from flows.state import LockHeld
@@ -188,7 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     from meters import MeterConfigError
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's `raise typer.Exit(n)` comes back as a return value
+            return code
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.code
