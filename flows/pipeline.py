@@ -31,6 +31,7 @@ from transforms.windows import period_table as periods_for_dates
 LANDING = "landing"
 EVENTS = "events"
 LOCK_TTL = 2 * 3600
+EVENT_ROW_GROUP = 65_536
 
 # A step runner: how each named step is executed (directly, or as a Prefect task with retries).
 Step = Callable[..., Any]
@@ -202,8 +203,7 @@ def ingest(storage: Storage, run_id: str, batches: list[FileInfo], billing: Bill
     files = [event_file(d, run_id) for d in kept_dates] + [batch_quarantine_file(b) for b in q_batches]
     pending_touched = merge_touched(touched, redo)
     state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=pending_touched))
-    for (d,), part in kept.group_by(["date"], maintain_order=True):
-        storage.write_parquet(event_file(str(d), run_id), part)
+    write_events(storage, kept, run_id)
     for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
     reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
@@ -219,6 +219,14 @@ def ingest(storage: Storage, run_id: str, batches: list[FileInfo], billing: Bill
         manifest_rows=[{**r, "run_id": run_id} for r in rows],
         files=files,
     )
+
+
+def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
+    """One file per UTC date, sorted by type so each meter's scan skips other types' row groups."""
+    for (d,), part in kept.group_by(["date"], maintain_order=True):
+        storage.write_parquet(
+            event_file(str(d), run_id), part.sort("type", "subject", "time"), row_group_size=EVENT_ROW_GROUP
+        )
 
 
 def merge_touched(a: dict, b: dict) -> dict:
@@ -284,7 +292,7 @@ def recompute_type(
     summary: dict[str, dict[str, int]] = {}
     in_dates = pl.col("date").is_in(sorted(dates))
     for meter in meters:
-        extracted = extract_meter(events, meter)
+        extracted = extract_meter(events, meter).collect().lazy()  # extract once, aggregate twice
         hourly = hourly_table(extracted.filter(in_dates), meter).collect()
         written = _publish(storage, hourly, "date", dates, partial(hourly_file, meter.slug))
         period = period_table(extracted, meter, billing, periods).collect()
@@ -297,6 +305,7 @@ def recompute_type(
             "hourly_rows": hourly.height,
             "period_rows": written_p,
             "excluded": excluded.height,
+            "latest_period": max(period_starts) if written_p else None,
         }
         del written
     return summary
@@ -455,6 +464,7 @@ def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started
         "hourly_partitions_recomputed": sum(m["hourly_partitions"] for m in meters.values()),
         "rows_written": {s: {"hourly": m["hourly_rows"], "period": m["period_rows"]} for s, m in meters.items()},
         "excluded_by_meter": {s: m["excluded"] for s, m in meters.items() if m["excluded"]},
+        "latest_periods": {s: m["latest_period"] for s, m in meters.items() if m.get("latest_period")},
         "stale_meters": stale,
     }
 
@@ -509,8 +519,7 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
         {t: {"dates": sorted(in_range), "local_dates": []} for t in set(new["type"].to_list())},
     )
     state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=touched, deletes=old))
-    for (d,), part in kept.group_by(["date"], maintain_order=True):
-        storage.write_parquet(event_file(str(d), run_id), part)
+    write_events(storage, kept, run_id)
     for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
     state.commit_manifest(storage, run_id, [{**r, "run_id": run_id} for r in rows])

@@ -32,6 +32,17 @@ def prefect_step(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return runner(*args, **kwargs)
 
 
+def _top_tables(storage: Storage, summary: dict) -> None:
+    """The top subjects and groups of each recomputed meter's latest touched period, as table artifacts."""
+    from flows.tools import top_table
+
+    for slug, period in summary.get("latest_periods", {}).items():
+        rows = top_table(storage, slug, period)
+        if rows:
+            key = "top-" + slug.replace("_", "-")
+            create_table_artifact(key=key, table=rows, description=f"{slug}: top rows of the period {period}")
+
+
 def _artifacts(summary: dict) -> None:
     rows = [
         {"meter": slug, "period_rows": r["period"], "hourly_rows": r["hourly"]}
@@ -59,6 +70,7 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     storage = Storage(root)
     summary = pipeline.run(storage, load_meters_file(meters), step=prefect_step, log=logger.info)
     _artifacts(summary)
+    _top_tables(storage, summary)
     return summary
 
 

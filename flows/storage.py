@@ -1,20 +1,37 @@
 """The one module that lists, reads, writes, renames and deletes: local folders and S3 alike.
 
-Local writes go to a temporary file under `_state/tmp/` and are renamed into place (atomic on one
-filesystem). On S3 every object is written by a single PUT or a completed multipart upload, which S3
-makes visible all at once. Each published table partition is exactly one object, so a reader sees the
-old or the new partition, never a mix.
+Nothing else in meterlake touches paths, files or S3 clients; everything goes through `Storage`.
+
+- Local writes go to a temporary file under `_state/tmp/` and are renamed into place (atomic on one
+  filesystem); exclusive creates (the run lock) are a hard link of a complete temporary file.
+- On S3 every object is written by a single PUT (or one completed multipart upload above 100 MB), which
+  S3 makes visible all at once. Each published table partition is exactly one object, so a reader sees
+  the old or the new partition, never a mix. Exclusive creates use a conditional PUT (`If-None-Match`).
+- s3fs does listing and object operations; Polars reads the same objects lazily with its native reader.
+  Both are configured from one `S3Settings` (endpoint, region, credentials; the standard AWS variables
+  by default), in their two option dialects.
+- S3 requests that failed for a transient reason (5xx, throttling, timeouts, refused connections) are
+  retried with backoff; every operation retried here is idempotent (GET, LIST, HEAD, PUT, DELETE).
+  Errors a user must fix (missing bucket, rejected credentials, access denied) become one-line
+  `StorageError`s. Secrets never appear in reprs, logs or messages.
+
+See docs/storage.md for the reader's side and for how producers should name landed batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import logging
 import os
+import random
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import polars as pl
@@ -23,10 +40,14 @@ import pyarrow.parquet as pq
 
 TMP = "_state/tmp"
 TMP_PREFIX = TMP
+HIDDEN = (".", "_")  # names (files or folders) that listings skip, as Spark, Hive and pyarrow do
+
+log = logging.getLogger("meterlake.storage")
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
-    """A storage problem a user can act on (missing root, bucket, credentials)."""
+    """A storage problem a user can act on (missing root or bucket, credentials, access, outage)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +59,40 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of idempotent S3 requests: `attempts` in all, exponential backoff with jitter.
+
+    The default rides out about 10-20 s of endpoint trouble; Prefect task retries come on top.
+    """
+
+    attempts: int = 8
+    first_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        return random.uniform(0.5, 1.0) * min(self.max_delay, self.first_delay * 2 ** (attempt - 1))
+
+    def polars_options(self) -> dict[str, Any]:
+        """The same policy in the option names of Polars' native object-store client."""
+        return {
+            "max_retries": max(self.attempts - 1, 0),
+            "retry_init_backoff_ms": int(self.first_delay * 1000),
+            "retry_max_backoff_ms": int(self.max_delay * 1000),
+            "retry_timeout_ms": int(1000 * max(30.0, self.max_delay * self.attempts)),
+        }
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
 class S3Settings:
-    """S3 options in one place; both s3fs and Polars' native reader are configured from it."""
+    """S3 options in one place; both s3fs and Polars' native reader are configured from it.
+
+    `from_env()` reads the standard AWS variables; explicit values override them. Anything left
+    unset is resolved by the clients' own default chains (config files, instance roles).
+    """
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -63,6 +116,7 @@ class S3Settings:
         return cls(**values)
 
     def s3fs_options(self) -> dict[str, Any]:
+        """s3fs / fsspec dialect (also what pandas and pyarrow-over-fsspec take as `storage_options`)."""
         opts: dict[str, Any] = {}
         if self.endpoint_url:
             opts["endpoint_url"] = self.endpoint_url
@@ -78,8 +132,9 @@ class S3Settings:
             opts["client_kwargs"] = {"region_name": self.region}
         return opts
 
-    def polars_options(self) -> dict[str, str]:
-        opts: dict[str, str] = {}
+    def polars_options(self) -> dict[str, Any]:
+        """Polars' native (object_store) dialect: `pl.scan_parquet(..., storage_options=...)`."""
+        opts: dict[str, Any] = {}
         if self.endpoint_url:
             opts["aws_endpoint_url"] = self.endpoint_url
             if self.endpoint_url.startswith("http://"):
@@ -98,8 +153,12 @@ class S3Settings:
 
     def __repr__(self) -> str:  # secrets never reach logs
         return (
-            f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, key={'***' if self.key else None})"
+            f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+            f"key={'***' if self.key else None}, secret={'***' if self.secret else None}, "
+            f"token={'***' if self.token else None}, profile={self.profile!r})"
         )
+
+    __str__ = __repr__
 
 
 def arrow_for_readers(df: pl.DataFrame) -> pa.Table:
@@ -122,16 +181,26 @@ class Storage:
 
     root: str
     s3: S3Settings = field(default_factory=S3Settings.from_env)
+    retry: RetryPolicy = field(default_factory=lambda: DEFAULT_RETRY, repr=False)
 
     def __post_init__(self) -> None:
         self.root = self.root.rstrip("/") or "/"
         self.is_s3 = self.root.startswith("s3://")
         if self.is_s3:
-            self.fs = fsspec.filesystem("s3", skip_instance_cache=True, **self.s3.s3fs_options())
             self.base = self.root[len("s3://") :]
+            self.bucket, _, self.key_prefix = self.base.partition("/")
+            self.fs = fsspec.filesystem(
+                "s3",
+                skip_instance_cache=True,
+                use_listings_cache=False,  # producers land files behind our back: always list afresh
+                # one retry layer, ours (see _call); botocore's own would multiply the attempts
+                config_kwargs={"retries": {"total_max_attempts": 1}},
+                **self.s3.s3fs_options(),
+            )
         else:
-            self.fs = fsspec.filesystem("file")
             self.base = os.path.abspath(self.root)
+            self.bucket = self.key_prefix = ""
+            self.fs = fsspec.filesystem("file")
 
     # --- naming -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -142,130 +211,271 @@ class Storage:
         """Path or URL that Polars and other readers understand."""
         return f"s3://{self.path(rel)}" if self.is_s3 else self.path(rel)
 
-    def polars_options(self) -> dict[str, str] | None:
-        return self.s3.polars_options() or None if self.is_s3 else None
+    def polars_options(self) -> dict[str, Any] | None:
+        """`storage_options` for Polars' native reader (None for a local root)."""
+        if not self.is_s3:
+            return None
+        return {**self.s3.polars_options(), **self.retry.polars_options()}
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """`storage_options` in the s3fs dialect, for pandas, Dask or pyarrow over fsspec."""
+        return self.s3.s3fs_options() if self.is_s3 else {}
 
     def _rel(self, full: str) -> str:
         full = full.replace("\\", "/")
         base = self.base.replace("\\", "/")
         return full[len(base) + 1 :] if full.startswith(base + "/") else full
 
+    def _key(self, rel: str) -> str:
+        """The S3 object key of `rel` (without the bucket)."""
+        return "/".join(p for p in (self.key_prefix, rel) if p)
+
+    # --- error handling ------------------------------------------------------------------------
+    def _call(self, op: str, rel: str, fn: Callable[[], T]) -> T:
+        """Run one storage operation: retry transient S3 failures, turn user-fixable ones into StorageError.
+
+        FileNotFoundError and FileExistsError pass through unchanged: callers rely on them.
+        """
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except Exception as exc:
+                kind, detail = _classify(exc) if self.is_s3 else _classify_local(exc)
+                if kind == "no_bucket":
+                    raise StorageError(f"bucket {self.bucket!r} does not exist (root {self.root})") from exc
+                if kind == "credentials":
+                    raise StorageError(
+                        f"S3 rejected the credentials for {self.root} ({detail}); check AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+                    ) from exc
+                if kind == "denied":
+                    raise StorageError(f"access denied: cannot {op} {self.uri(rel)} ({detail})") from exc
+                if kind != "transient":
+                    raise
+                if attempt >= self.retry.attempts:
+                    where = self.s3.endpoint_url or "AWS S3"
+                    raise StorageError(
+                        f"storage unavailable: {op} {self.uri(rel)} still failing after {attempt} attempts ({detail});"
+                        f" endpoint {where}"
+                    ) from exc
+                wait = self.retry.delay(attempt)
+                log.warning(
+                    "S3 %s %s failed (%s); retry %d of %d in %.2fs",
+                    op,
+                    self.uri(rel),
+                    detail,
+                    attempt,
+                    self.retry.attempts - 1,
+                    wait,
+                )
+                time.sleep(wait)
+                attempt += 1
+
     # --- checks ------------------------------------------------------------------------------
     def check_root(self, create: bool = False) -> None:
-        """Fail with one clear line when the root cannot be used."""
-        try:
-            if self.is_s3:
-                bucket = self.base.split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    raise StorageError(f"bucket {bucket!r} does not exist or is not reachable")
-                self.fs.ls(self.base) if self.fs.exists(self.base) else None
-            elif not os.path.isdir(self.base):
-                if create:
-                    os.makedirs(self.base, exist_ok=True)
-                else:
-                    raise StorageError(f"storage root {self.root!r} does not exist")
-        except StorageError:
-            raise
-        except PermissionError as exc:
-            raise StorageError(f"access denied to {self.root}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - botocore/network errors become one line
-            raise StorageError(f"cannot reach {self.root}: {type(exc).__name__}: {exc}") from None
+        """Fail with one clear line when the root cannot be used (missing, unreachable, refused)."""
+        if self.is_s3:
+            prefix = f"{self.key_prefix}/" if self.key_prefix else ""
+            self._call(
+                "list",
+                "",
+                lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
+            )
+            return
+        if os.path.isdir(self.base):
+            if not os.access(self.base, os.R_OK | os.X_OK):
+                raise StorageError(f"access denied: cannot read storage root {self.root!r}")
+            return
+        if os.path.exists(self.base):
+            raise StorageError(f"storage root {self.root!r} is not a folder")
+        if not create:
+            raise StorageError(f"storage root {self.root!r} does not exist")
+        self._call("create", "", lambda: os.makedirs(self.base, exist_ok=True))
 
     # --- reading -----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self._call("check", rel, lambda: self.fs.exists(self.path(rel)))
 
-    def list_files(self, prefix: str, suffixes: tuple[str, ...] | None = None) -> list[FileInfo]:
-        """Every file under `prefix` (any depth), skipping hidden and temporary names."""
-        root = self.path(prefix)
-        if not self.fs.exists(root):
-            return []
-        found = self.fs.find(root, detail=True)
+    def list_files(
+        self, prefix: str, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+    ) -> list[FileInfo]:
+        """Every file under `prefix` (any depth), sorted by path; hidden names (`.x`, `_x`) are skipped.
+
+        Sizes, modification times and ETags come from the listing itself: no object is opened.
+        `start_after` (a path relative to the root) lists only paths sorting after it, which on S3
+        means the listing starts there (ListObjectsV2 StartAfter) instead of at the first key.
+        """
+        files = self._list_s3(prefix, start_after) if self.is_s3 else self._list_local(prefix, start_after)
         out = []
-        for full, info in found.items():
-            if info.get("type") == "directory":
+        for info in files:
+            below = info.path[len(prefix) :].lstrip("/") if prefix else info.path
+            if any(part.startswith(HIDDEN) for part in below.split("/")):
                 continue
-            rel = self._rel(full)
-            name = rel.rsplit("/", 1)[-1]
-            if name.startswith((".", "_")):
+            if suffixes and not info.path.lower().endswith(suffixes):
                 continue
-            if suffixes and not name.lower().endswith(suffixes):
-                continue
-            out.append(FileInfo(rel, int(info.get("size") or 0), _mtime(info), str(info.get("ETag", "")).strip('"')))
+            out.append(info)
         return sorted(out, key=lambda f: f.path)
 
+    def _list_s3(self, prefix: str, start_after: str | None) -> Iterator[FileInfo]:
+        key_prefix = self._key(prefix) + "/" if prefix else (f"{self.key_prefix}/" if self.key_prefix else "")
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key_prefix}
+        if start_after:
+            args["StartAfter"] = self._key(start_after)
+        strip = len(self.key_prefix) + 1 if self.key_prefix else 0
+        while True:
+            page = self._call("list", prefix, functools.partial(self.fs.call_s3, "list_objects_v2", **args))
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key.endswith("/"):  # a "folder" marker some tools create
+                    continue
+                yield FileInfo(key[strip:], int(obj.get("Size") or 0), _mtime(obj), str(obj.get("ETag", "")).strip('"'))
+            if not page.get("IsTruncated"):
+                return
+            args["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _list_local(self, prefix: str, start_after: str | None) -> Iterator[FileInfo]:
+        top = self.path(prefix)
+        for folder, dirs, names in os.walk(top):
+            rel_folder = self._rel(folder) if folder != self.base else ""
+            if start_after:  # prune folders whose every path sorts before start_after
+                dirs[:] = [d for d in dirs if not _all_before(_join(rel_folder, d) + "/", start_after)]
+            for name in names:
+                rel = _join(rel_folder, name)
+                if start_after and rel <= start_after:
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # deleted while we walked
+                    st = os.stat(os.path.join(folder, name))
+                    yield FileInfo(rel, st.st_size, st.st_mtime)
+
     def list_dirs(self, prefix: str) -> list[str]:
-        """Names of the immediate sub-folders of `prefix` (partition values)."""
-        root = self.path(prefix)
-        if not self.fs.exists(root):
-            return []
-        names = []
-        for entry in self.fs.ls(root, detail=True):
-            if entry.get("type") == "directory":
-                names.append(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-        return sorted(names)
+        """Names of the immediate sub-folders of `prefix` (partition values), hidden names skipped."""
+        if self.is_s3:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key(prefix) + "/", "Delimiter": "/"}
+            names = []
+            while True:
+                page = self._call("list", prefix, functools.partial(self.fs.call_s3, "list_objects_v2", **args))
+                names += [p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for p in page.get("CommonPrefixes", [])]
+                if not page.get("IsTruncated"):
+                    break
+                args["ContinuationToken"] = page["NextContinuationToken"]
+        else:
+            top = self.path(prefix)
+            if not os.path.isdir(top):
+                return []
+            names = [e.name for e in os.scandir(top) if e.is_dir()]
+        return sorted(n for n in names if not n.startswith(HIDDEN))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        """The whole object, in one GET on S3: always one consistent version of it."""
+        return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
     def scan_parquet(self, rels: list[str]) -> pl.LazyFrame:
-        """Lazy scan of the given Parquet files (hive keys are stored inside our files already)."""
+        """Lazy scan of the given Parquet files (hive keys are stored inside our files already).
+
+        For files meterlake never rewrites (events, manifest). A published table partition that a
+        concurrent run replaces can fail a lazy S3 scan (ranged reads of two versions); use
+        `read_parquet` for those.
+        """
         uris = [self.uri(r) for r in rels]
         return pl.scan_parquet(uris, storage_options=self.polars_options(), hive_partitioning=False)
+
+    def read_parquet(self, rels: list[str]) -> pl.DataFrame:
+        """Eager read of the given Parquet files, each in one GET: consistent even while a run republishes."""
+        frames = [pl.read_parquet(io.BytesIO(self.read_bytes(r)), hive_partitioning=False) for r in rels]
+        return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
 
     # --- writing -----------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic write: readers see the old object or the new one, never a partial one."""
         target = self.path(rel)
         if self.is_s3:
-            self.fs.pipe_file(target, data)
+            self._call("write", rel, lambda: self.fs.pipe_file(target, data))
             return
+        tmp = self._local_tmp(data)
+        self._call("write", rel, lambda: os.makedirs(os.path.dirname(target), exist_ok=True))
+        self._call("write", rel, lambda: os.replace(tmp, target))
+
+    def _local_tmp(self, data: bytes) -> str:
         tmp_dir = self.path(TMP)
-        os.makedirs(tmp_dir, exist_ok=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+
+        def write() -> None:
+            os.makedirs(tmp_dir, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        self._call("write", TMP, write)
+        return tmp
 
     def write_json(self, rel: str, value: Any) -> None:
         self.write_bytes(rel, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
-    def write_parquet(self, rel: str, df: pl.DataFrame) -> None:
+    def write_parquet(self, rel: str, df: pl.DataFrame, row_group_size: int | None = None) -> None:
         buf = io.BytesIO()
-        pq.write_table(arrow_for_readers(df), buf, compression="zstd")
+        pq.write_table(arrow_for_readers(df), buf, compression="zstd", row_group_size=row_group_size)
         self.write_bytes(rel, buf.getvalue())
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create `rel` only if it does not exist; False if it does (best effort on S3)."""
+        """Create `rel` with `data` only if it does not exist; False if it does.
+
+        Atomic on both roots: a hard link of a complete temporary file locally, a conditional PUT
+        (`If-None-Match: *`) on S3. Endpoints without conditional writes fall back to check-then-put,
+        which the lock's read-back check covers.
+        """
         target = self.path(rel)
-        if self.is_s3:
-            if self.fs.exists(target):
+        if not self.is_s3:
+            tmp = self._local_tmp(data)
+            try:
+                self._call("write", rel, lambda: os.makedirs(os.path.dirname(target), exist_ok=True))
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
                 return False
-            self.fs.pipe_file(target, data)
-            return True
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._call("create", rel, lambda: self.fs.pipe_file(target, data, mode="create"))
+            return True
         except FileExistsError:
+            # ours if an earlier attempt of this very call got through before its response was lost
+            with contextlib.suppress(FileNotFoundError):
+                return self.read_bytes(rel) == data
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        return True
+        except OSError as exc:
+            if _classify(exc)[0] != "unsupported":
+                raise
+            if self.exists(rel):
+                return False
+            self.write_bytes(rel, data)
+            return True
 
     def delete(self, rels: list[str]) -> None:
         """Delete files; missing ones are fine (deletes are retried after crashes)."""
         for rel in rels:
             target = self.path(rel)
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(target)
+                self._call("delete", rel, lambda target=target: self.fs.rm_file(target))
             if not self.is_s3:
                 _prune_empty_dirs(os.path.dirname(target), self.base)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def _all_before(folder_prefix: str, start_after: str) -> bool:
+    """True when every path under `folder_prefix` ('a/b/') sorts at or before `start_after`."""
+    return folder_prefix < start_after and not start_after.startswith(folder_prefix)
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -282,3 +492,95 @@ def _prune_empty_dirs(path: str, stop: str) -> None:
         except OSError:
             return
         path = os.path.dirname(path)
+
+
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "RequestTimeTooSkewed",
+}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestLimitExceeded",
+    "OperationAborted",
+}
+
+
+@functools.cache
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Network-level failures worth retrying (imported lazily: local roots never need botocore)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore import exceptions as bx
+
+        types += [bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, bx.ResponseStreamingError]
+    with contextlib.suppress(ImportError):
+        from fsspec.exceptions import FSTimeoutError
+
+        types.append(FSTimeoutError)
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    return tuple(types)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    """(kind, short description) of an S3 failure; kinds: no_bucket, credentials, denied, transient,
+    unsupported, other. The description holds the S3 error code and message, never request secrets."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            code = str(response["Error"].get("Code") or "")
+            status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+            message = response["Error"].get("Message") or ""
+            detail = _one_line(f"{code or status}: {message}" if message else (code or str(status)))
+            if code == "NoSuchBucket":
+                return "no_bucket", detail
+            if code in _CREDENTIAL_CODES:
+                return "credentials", detail
+            if code in ("NotImplemented", "501") or status == 501:
+                return "unsupported", detail
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return "transient", detail
+            if code in _DENIED_CODES or status == 403:
+                return "denied", detail
+            return "other", detail
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            return "credentials", _one_line(str(e))
+    for e in _chain(exc):
+        if isinstance(e, _transient_types()):
+            return "transient", _one_line(f"{type(e).__name__}: {e}")
+    if isinstance(exc, PermissionError):
+        return "denied", _one_line(str(exc))
+    return "other", _one_line(str(exc))
+
+
+def _classify_local(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, PermissionError):
+        return "denied", _one_line(f"{exc.strerror or exc}")
+    return "other", _one_line(str(exc))

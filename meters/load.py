@@ -114,7 +114,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
             problems.append(
                 Problem(_line(key), f"{where} {name}", "unknown field (a typo here would silently change billing)")
             )
-    if not isinstance(slug, str) or not SLUG.match(slug) or len(slug) > 64:
+    if not isinstance(slug, str) or not SLUG.fullmatch(slug) or len(slug) > 64:
         bad("slug", "must be lowercase letters and digits joined by single underscores, 1-64 chars (e.g. tokens_total)")
     event_type = raw.get("eventType")
     if not isinstance(event_type, str) or not event_type:
@@ -144,7 +144,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
         group_by = {}
     for key, path in group_by.items():
         key_s = str(key)
-        if not GROUP_KEY.match(key_s):
+        if not GROUP_KEY.fullmatch(key_s):
             bad("groupBy", f"key {key_s!r} is invalid: only letters, digits and underscores, not starting with a digit")
         elif key_s in RESERVED_COLUMNS:
             bad("groupBy", f"key {key_s!r} is reserved for an output column; rename it")
@@ -169,9 +169,33 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
     )
 
 
+def _check_repeated_keys(node: yaml.Node, problems: list[Problem], where: str = "", seen: set | None = None) -> None:
+    """PyYAML silently keeps the last of two equal keys: a repeated field would silently change billing."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias to a node already checked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_repeated_keys(item, problems, f"{where}[{index}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            path = f"{where}.{name}" if where else name
+            if name in first:
+                problems.append(
+                    Problem(_line(key), path, f"repeated key (first on line {first[name]}); only one is allowed")
+                )
+            else:
+                first[name] = _line(key)
+            _check_repeated_keys(value, problems, path, seen)
+
+
 def parse_meters(text: str, source: str = "meters file") -> MeterSet:
     """Validate a meters document; raise MeterConfigError listing every problem."""
     try:
+        yaml.safe_load(text)  # unknown tags (`!foo x`) fail here, with their line, not later in _plain
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -181,6 +205,7 @@ def parse_meters(text: str, source: str = "meters file") -> MeterSet:
     problems: list[Problem] = []
     if root is None or not isinstance(root, yaml.MappingNode):
         raise MeterConfigError([Problem(None, "file", "must be a mapping with a 'meters:' list")], source)
+    _check_repeated_keys(root, problems)
     top = _mapping(root)
     for name, (key, _) in top.items():
         if name not in TOP_FIELDS:
@@ -193,19 +218,22 @@ def parse_meters(text: str, source: str = "meters file") -> MeterSet:
         seen: dict[str, int] = {}
         for index, node in enumerate(top["meters"][1].value):
             meter = _check_meter(node, index, problems)
-            if meter is None:
-                continue
-            if meter.slug in seen:
+            # Duplicates are reported even when either meter has other problems: one pass fixes the file.
+            slug_field = _mapping(node).get("slug") if isinstance(node, yaml.MappingNode) else None
+            slug = _plain(slug_field[1]) if slug_field else None
+            if isinstance(slug, str) and slug in seen:
                 problems.append(
                     Problem(
                         _line(node),
-                        f"meter {meter.slug!r} slug",
-                        f"duplicate slug (first defined on line {seen[meter.slug]})",
+                        f"meter {slug!r} slug",
+                        f"duplicate slug (first defined on line {seen[slug]})",
                     )
                 )
                 continue
-            seen[meter.slug] = _line(node)
-            meters.append(meter)
+            if isinstance(slug, str):
+                seen[slug] = _line(node)
+            if meter is not None:
+                meters.append(meter)
     if problems:
         raise MeterConfigError(problems, source)
     return MeterSet(billing=billing, meters=tuple(meters))

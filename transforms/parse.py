@@ -22,7 +22,7 @@ BATCH_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 # Values of string attributes that Polars may have produced from a non-string JSON value.
 _MAYBE_NOT_STRING = r"^(?s:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|\{.*|\[.*)$"
-STRING_ATTRS = ("id", "source", "type", "subject", "specversion", "datacontenttype")
+STRING_ATTRS = ("id", "source", "type", "subject")
 
 MALFORMED = {"line": pl.Int64, "raw": pl.String, "message": pl.String}
 
@@ -63,10 +63,14 @@ def _nonblank_line_numbers(raw: bytes) -> list[int]:
 
 
 def parse_jsonl(raw: bytes) -> Parsed:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is not data
     try:
         records = pl.read_ndjson(io.BytesIO(raw), schema=ENVELOPE)
-    except Exception:  # noqa: BLE001 - any parse failure means: find the bad lines one by one
-        return _parse_jsonl_by_line(raw)
+    except Exception:  # noqa: BLE001 - any parse failure means: find the bad lines
+        try:
+            return _parse_jsonl_vectorised(raw)
+        except Exception:  # noqa: BLE001 - e.g. invalid UTF-8: the careful, slow way
+            return _parse_jsonl_by_line(raw)
     # Row i is line i+1 unless the file has blank lines; only then pay for the split.
     newlines = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
     if newlines == records.height:
@@ -80,6 +84,48 @@ def parse_jsonl(raw: bytes) -> Parsed:
     return Parsed(_check_string_types(records, raw), empty(MALFORMED), None, "jsonl", raw)
 
 
+def _parse_jsonl_vectorised(raw: bytes) -> Parsed:
+    """Find malformed lines with Polars (`json_path_match("$")` is null for invalid JSON), parse the rest."""
+    lines = (
+        pl.DataFrame({"raw": pl.Series(raw.split(b"\n"), dtype=pl.Binary).cast(pl.String)})
+        .with_row_index("line", offset=1)
+        .with_columns(pl.col("line").cast(pl.Int64))
+        .filter(pl.col("raw").str.strip_chars() != "")
+        .with_columns(_json=pl.col("raw").str.json_path_match("$"))
+    )
+    is_object = pl.col("_json").is_not_null() & pl.col("raw").str.strip_chars_start().str.starts_with("{")
+    good = lines.filter(is_object)
+    malformed = lines.filter(~is_object).select(
+        "line",
+        "raw",
+        message=pl.when(pl.col("_json").is_null())
+        .then(pl.lit("not valid JSON"))
+        .otherwise(pl.lit("a JSON value that is not an object")),
+    )
+    text = good.select(pl.col("raw").str.join("\n")).item() if good.height else ""
+    records = pl.read_ndjson(io.BytesIO(text.encode()), schema=ENVELOPE) if good.height else empty(ENVELOPE)
+    if records.height != good.height:
+        raise ValueError("line count mismatch")
+    records = records.with_columns(line=good["line"])
+    return Parsed(_check_string_types(records, raw), malformed, None, "jsonl", raw)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    _finite_float(text)  # Polars reads numbers as floats: a 400-digit integer does not fit
+    return int(text)
+
+
 def _parse_jsonl_by_line(raw: bytes) -> Parsed:
     good: list[bytes] = []
     good_lines: list[int] = []
@@ -88,7 +134,13 @@ def _parse_jsonl_by_line(raw: bytes) -> Parsed:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            # Decode first: json.loads(bytes) would skip a BOM, and accept NaN/Infinity, that Polars rejects.
+            value = json.loads(
+                line.decode("utf-8"),
+                parse_constant=_reject_constant,
+                parse_float=_finite_float,
+                parse_int=_finite_int,
+            )
         except (ValueError, UnicodeDecodeError) as exc:
             bad.append({"line": number, "raw": line.decode("utf-8", "replace"), "message": f"not JSON: {exc}"})
             continue
@@ -100,7 +152,10 @@ def _parse_jsonl_by_line(raw: bytes) -> Parsed:
             continue
         good.append(line)
         good_lines.append(number)
-    records = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=ENVELOPE) if good else empty(ENVELOPE)
+    try:
+        records = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=ENVELOPE) if good else empty(ENVELOPE)
+    except Exception as exc:  # noqa: BLE001 - JSON that Python accepts but Polars does not: never crash the run
+        return _unreadable(f"unreadable JSONL: {str(exc).splitlines()[0][:200]}", "jsonl")
     records = records.with_columns(line=pl.Series(good_lines, dtype=pl.Int64))
     malformed = pl.DataFrame(bad, schema=MALFORMED) if bad else empty(MALFORMED)
     return Parsed(_check_string_types(records, raw), malformed, None, "jsonl", raw)
@@ -169,8 +224,8 @@ def _data_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Struct):
         text = col.struct.json_encode()
         return pl.when(col.is_null()).then(None).otherwise(text).alias("data")
-    if dtype == pl.String:
-        return col
+    if dtype == pl.String:  # JSON text: the text `null` is a null payload, not a bad one
+        return pl.when(col.str.strip_chars() == "null").then(None).otherwise(col).alias("data")
     if dtype == pl.Null:
         return pl.lit(None, pl.String).alias("data")
     # A list or number is not a JSON object; keep a readable trace so validation can reject it.

@@ -67,7 +67,7 @@ def test_hourly_flow_matches_plain_run_and_leaves_artifacts(tmp_path: Path) -> N
         async with get_client() as client:
             return {a.key for a in await client.read_artifacts()}
 
-    assert {"meterlake-run", "meterlake-meters"} <= anyio.run(keys)
+    assert {"meterlake-run", "meterlake-meters", "top-tokens-total"} <= anyio.run(keys)
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -1,0 +1,455 @@
+"""Per-meter extraction, the seven aggregations, group-by values (SPEC §3-4), and deduplication (SPEC §2)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from meters import Meter, parse_meters
+from transforms.aggregate import aggregate, output_columns
+from transforms.dedupe import dedupe
+from transforms.extract import extract
+from transforms.parse import parse_jsonl
+from transforms.schema import WINDOW
+from transforms.validate import validate
+from transforms.windows import hour_start
+
+ABSENT = object()
+T0 = "2024-01-01T10:00:00Z"
+H10 = dt.datetime(2024, 1, 1, 10, tzinfo=dt.UTC)
+H11 = dt.datetime(2024, 1, 1, 11, tzinfo=dt.UTC)
+
+
+@pytest.fixture(params=["streaming", "in-memory"])
+def engine(request) -> str:
+    return request.param
+
+
+def events(*specs: dict) -> pl.LazyFrame:
+    """Valid events as the pipeline sees them: JSONL text through parse and validate."""
+    lines = []
+    for i, spec in enumerate(specs):
+        rec = {"specversion": "1.0", "id": f"e{i}", "source": "src", "type": "t", "subject": "c1", "time": T0}
+        rec.update(spec)
+        lines.append(json.dumps({k: v for k, v in rec.items() if v is not ABSENT}))
+    valid, rejected = validate(parse_jsonl("\n".join(lines).encode()).records)
+    assert rejected.is_empty(), rejected
+    return valid.lazy()
+
+
+def with_value(value) -> dict:
+    """An event whose data is {"v": value}, or {} when the value is ABSENT."""
+    return {"data": {} if value is ABSENT else {"v": value}}
+
+
+def make_meter(aggregation: str, value: str | None = "$.v", group_by: dict | None = None, slug: str = "m") -> Meter:
+    body = {"slug": slug, "eventType": "t", "aggregation": aggregation}
+    if value is not None:
+        body["valueProperty"] = value
+    if group_by:
+        body["groupBy"] = group_by
+    return parse_meters(json.dumps({"meters": [body]})).meters[0]  # JSON is YAML
+
+
+def hourly(frame: pl.LazyFrame, meter: Meter, engine: str) -> pl.DataFrame:
+    extracted = extract(frame.filter(pl.col("type") == meter.event_type), meter)
+    windowed = extracted.with_columns(window_start=hour_start(pl.col("time"))).with_columns(
+        window_end=pl.col("window_start").dt.offset_by("1h")
+    )
+    return aggregate(windowed, meter).collect(engine=engine)
+
+
+def table(meter: Meter, rows: list[tuple]) -> pl.DataFrame:
+    """The expected output table, from (subject, *groups, window_start, value, event_count) tuples."""
+    keys = list(meter.group_paths)
+    schema = {"subject": pl.String, **dict.fromkeys(keys, pl.String), "window_start": WINDOW, "value": pl.Float64}
+    schema["event_count"] = pl.Int64
+    df = pl.DataFrame(rows, schema=schema, orient="row")
+    return df.with_columns(window_end=pl.col("window_start").dt.offset_by("1h")).select(output_columns(meter))
+
+
+# --- value extraction ---------------------------------------------------------------------------------
+
+
+def test_sum_skips_missing_and_bad_values(engine: str) -> None:
+    values = [100, "100", None, ABSENT, "NaN", "Inf", "abc"]
+    frame = events(*(with_value(v) for v in values))
+    meter = make_meter("SUM")
+    extracted = extract(frame, meter).select("id", "value", "excluded").collect(engine=engine).sort("id")
+    assert extracted.rows() == [
+        ("e0", 100.0, None),
+        ("e1", 100.0, None),
+        ("e2", None, "missing_value"),
+        ("e3", None, "missing_value"),
+        ("e4", None, "bad_value"),
+        ("e5", None, "bad_value"),
+        ("e6", None, "bad_value"),
+    ]
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("c1", H10, 200.0, 2)]))
+
+
+@pytest.mark.parametrize(
+    ("value", "number"),
+    [
+        (12.5, 12.5),
+        ("12.5", 12.5),
+        ("1e3", 1000.0),
+        ("1E-2", 0.01),
+        ("-.5", -0.5),
+        ("+7", 7.0),
+        ("5.", 5.0),
+        (-3, -3.0),
+        (0, 0.0),
+        ("0", 0.0),
+    ],
+)
+def test_numeric_values(value, number: float, engine: str) -> None:
+    got = extract(events(with_value(value)), make_meter("SUM")).select("value", "excluded").collect(engine=engine)
+    assert got.row(0) == (number, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        " 5",
+        "5 ",
+        "0x10",
+        "1_000",
+        "1,5",
+        "Infinity",
+        "-inf",
+        "nan",
+        "12abc",
+        "١٢",
+        True,
+        False,
+        {"a": 1},
+        [1],
+        "1e999",
+    ],
+)
+def test_bad_values(value, engine: str) -> None:
+    got = extract(events(with_value(value)), make_meter("SUM")).select("value", "excluded").collect(engine=engine)
+    assert got.row(0) == (None, "bad_value")
+
+
+@pytest.mark.parametrize(
+    "data", [None, ABSENT, {}, {"other": 1}, {"v": None}], ids=["null", "absent", "empty", "other", "v_null"]
+)
+def test_missing_values(data, engine: str) -> None:
+    got = extract(events({"data": data}), make_meter("MAX")).select("value", "excluded").collect(engine=engine)
+    assert got.row(0) == (None, "missing_value")
+
+
+def test_count_counts_events_whatever_their_data(engine: str) -> None:
+    frame = events({"data": {}}, {"data": None}, {"data": ABSENT}, {"data": {"v": "abc"}}, {"data": {"v": 1}})
+    meter = make_meter("COUNT", value=None)
+    extracted = extract(frame, meter).collect(engine=engine)
+    assert extracted["excluded"].null_count() == 5
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("c1", H10, 5.0, 5)]))
+
+
+def test_avg_divides_by_valid_values_only(engine: str) -> None:
+    frame = events(*(with_value(v) for v in [10, "20", "x", None, ABSENT, 30.5]))
+    meter = make_meter("AVG")
+    # (10 + 20 + 30.5) / 3, not / 6
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("c1", H10, 60.5 / 3, 3)]))
+
+
+@pytest.mark.parametrize(("aggregation", "expected"), [("MIN", -3.0), ("MAX", 7.25)])
+def test_min_max(engine: str, aggregation: str, expected: float) -> None:
+    frame = events(*(with_value(v) for v in [5, "-3", "7.25", "abc", None, "-1e9x"]))
+    meter = make_meter(aggregation)
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("c1", H10, expected, 3)]))
+
+
+def test_unique_count_compares_as_text_and_ignores_missing(engine: str) -> None:
+    values = [123, "123", "abc", "abc", None, ABSENT, 124, True, "true", ""]
+    frame = events(*(with_value(v) for v in values))
+    meter = make_meter("UNIQUE_COUNT")
+    extracted = extract(frame, meter).select("id", "excluded").collect(engine=engine).sort("id")
+    assert extracted.filter(pl.col("excluded").is_not_null())["id"].to_list() == ["e4", "e5"]
+    # Distinct texts: "123", "abc", "124", "true", "" -> 5 values from 8 contributing events.
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("c1", H10, 5.0, 8)]))
+
+
+def test_latest_takes_greatest_time_then_id_then_source(engine: str) -> None:
+    frame = events(
+        # subject a: the latest time wins, the order of arrival does not matter
+        {"subject": "a", "time": "2024-01-01T10:30:00Z", "data": {"v": 3}},
+        {"subject": "a", "time": "2024-01-01T10:10:00Z", "data": {"v": 1}},
+        {"subject": "a", "time": "2024-01-01T10:20:00.000000001Z", "data": {"v": 2}},
+        {"subject": "a", "time": "2024-01-01T10:20:00Z", "data": {"v": 9}},
+        # subjects b1, b2: same time, the greatest id wins ("id-b" > "id-a"), whichever landed first
+        {"subject": "b1", "id": "id-b", "time": "2024-01-01T10:40:00Z", "data": {"v": 20}},
+        {"subject": "b1", "id": "id-a", "time": "2024-01-01T10:40:00Z", "data": {"v": 10}},
+        {"subject": "b2", "id": "id-a", "time": "2024-01-01T10:40:00Z", "data": {"v": 10}},
+        {"subject": "b2", "id": "id-b", "time": "2024-01-01T10:40:00Z", "data": {"v": 20}},
+        # subjects c1, c2: same time and id, the greatest source wins, whichever landed first
+        {"subject": "c1", "id": "same", "source": "src-z", "time": "2024-01-01T10:40:00Z", "data": {"v": 200}},
+        {"subject": "c1", "id": "same", "source": "src-a", "time": "2024-01-01T10:40:00Z", "data": {"v": 100}},
+        {"subject": "c2", "id": "same", "source": "src-a", "time": "2024-01-01T10:40:00Z", "data": {"v": 100}},
+        {"subject": "c2", "id": "same", "source": "src-z", "time": "2024-01-01T10:40:00Z", "data": {"v": 200}},
+        # subjects e1, e2: id decides before source
+        {"subject": "e1", "id": "id-b", "source": "src-a", "time": "2024-01-01T10:40:00Z", "data": {"v": 1}},
+        {"subject": "e1", "id": "id-a", "source": "src-z", "time": "2024-01-01T10:40:00Z", "data": {"v": 2}},
+        {"subject": "e2", "id": "id-a", "source": "src-z", "time": "2024-01-01T10:40:00Z", "data": {"v": 2}},
+        {"subject": "e2", "id": "id-b", "source": "src-a", "time": "2024-01-01T10:40:00Z", "data": {"v": 1}},
+        # subject d: the latest event has a bad value and is skipped; so is a missing one
+        {"subject": "d", "time": "2024-01-01T10:05:00Z", "data": {"v": "4.5"}},
+        {"subject": "d", "time": "2024-01-01T10:50:00Z", "data": {"v": "n/a"}},
+        {"subject": "d", "time": "2024-01-01T10:55:00Z", "data": {}},
+    )
+    meter = make_meter("LATEST")
+    expected = table(
+        meter,
+        [
+            ("a", H10, 3.0, 4),
+            ("b1", H10, 20.0, 2),
+            ("b2", H10, 20.0, 2),
+            ("c1", H10, 200.0, 2),
+            ("c2", H10, 200.0, 2),
+            ("d", H10, 4.5, 1),
+            ("e1", H10, 1.0, 2),
+            ("e2", H10, 1.0, 2),
+        ],
+    )
+    assert_frame_equal(hourly(frame, meter, engine), expected, check_row_order=False)
+
+
+def test_group_with_only_excluded_values_has_no_row(engine: str) -> None:
+    frame = events({"subject": "a", "data": {"v": 1}}, {"subject": "b", "data": {"v": "bad"}}, {"subject": "c"})
+    meter = make_meter("SUM")
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("a", H10, 1.0, 1)]))
+
+
+def test_subjects_and_hours_are_separate_windows(engine: str) -> None:
+    frame = events(
+        {"subject": "a", "time": "2024-01-01T10:00:00Z", "data": {"v": 1}},
+        {"subject": "a", "time": "2024-01-01T10:59:59.999999999Z", "data": {"v": 2}},
+        {"subject": "a", "time": "2024-01-01T11:00:00Z", "data": {"v": 4}},
+        {"subject": "b", "time": "2024-01-01T10:15:00+00:00", "data": {"v": 8}},
+        {"subject": "b", "time": "2024-01-01T12:15:00+01:00", "data": {"v": 16}},  # 11:15Z
+    )
+    meter = make_meter("SUM")
+    expected = table(meter, [("a", H10, 3.0, 2), ("a", H11, 4.0, 1), ("b", H10, 8.0, 1), ("b", H11, 16.0, 1)])
+    assert_frame_equal(hourly(frame, meter, engine), expected, check_row_order=False)
+
+
+def test_other_event_types_do_not_move_the_meter(engine: str) -> None:
+    frame = events({"type": "t", "data": {"v": 1}}, {"type": "other", "data": {"v": 100}})
+    meter = make_meter("SUM")
+    assert_frame_equal(hourly(frame, meter, engine), table(meter, [("c1", H10, 1.0, 1)]))
+
+
+def test_output_schema(engine: str) -> None:
+    meter = make_meter("SUM", group_by={"zeta": "$.z", "alpha": "$.a"})
+    got = hourly(events({"data": {"v": 1, "z": "x", "a": "y"}}), meter, engine)
+    assert got.schema == pl.Schema(
+        {
+            "subject": pl.String,
+            "zeta": pl.String,  # groupBy keys in definition order, not sorted
+            "alpha": pl.String,
+            "window_start": WINDOW,
+            "window_end": WINDOW,
+            "value": pl.Float64,
+            "event_count": pl.Int64,
+        }
+    )
+
+
+# --- group-by values ---------------------------------------------------------------------------------
+
+
+def test_group_by_values(engine: str) -> None:
+    frame = events(
+        {"data": {}},  # missing -> null
+        {"data": {"g": None}},  # null -> null (the same group as missing)
+        {"data": {"g": 5}},
+        {"data": {"g": 2.5}},
+        {"data": {"g": "5"}},  # the string "5" and the number 5 are the same text
+        {"data": {"g": True}},
+        {"data": {"g": False}},
+        {"data": {"g": "plain"}},
+        {"data": {"g": ""}},  # an empty string stays a string, it is not null
+        {"data": {"g": 'quote " and é'}},
+        {"data": {"g": {"b": [1, 2], "a": {"c": None}}}},
+        {"data": {"g": [1, "x", None]}},
+        {"data": None},  # no data at all -> null
+    )
+    meter = make_meter("COUNT", value=None, group_by={"g": "$.g"})
+    expected = table(
+        meter,
+        [
+            ("c1", None, H10, 3.0, 3),
+            ("c1", "5", H10, 2.0, 2),
+            ("c1", "2.5", H10, 1.0, 1),
+            ("c1", "true", H10, 1.0, 1),
+            ("c1", "false", H10, 1.0, 1),
+            ("c1", "plain", H10, 1.0, 1),
+            ("c1", "", H10, 1.0, 1),
+            ("c1", 'quote " and é', H10, 1.0, 1),
+            ("c1", '{"b":[1,2],"a":{"c":null}}', H10, 1.0, 1),
+            ("c1", '[1,"x",null]', H10, 1.0, 1),
+        ],
+    )
+    assert_frame_equal(hourly(frame, meter, engine), expected, check_row_order=False)
+
+
+def test_group_by_paths_with_brackets_and_indexes(engine: str) -> None:
+    frame = events(
+        {"data": {"weird key": "w1", "items": [{"qty": 2}, {"qty": 100}], "usage": {"in": 1}}},
+        {"data": {"weird key": "w1", "items": [{"qty": "3"}], "usage": {"in": 1}}},
+        {"data": {"weird key": "w2", "items": [], "usage": {"in": 2}}},
+    )
+    meter = make_meter("SUM", value="$.items[0].qty", group_by={"w": "$['weird key']", "u": "$.usage.in"})
+    expected = table(meter, [("c1", "w1", "1", H10, 5.0, 2)])
+    assert_frame_equal(hourly(frame, meter, engine), expected)
+    excluded = extract(frame, meter).collect(engine=engine)["excluded"].to_list()
+    assert excluded == [None, None, "missing_value"]
+
+
+def test_group_by_multiple_keys_and_subjects(engine: str) -> None:
+    frame = events(
+        {"subject": "a", "data": {"tokens": 10, "model": "gpt4", "type": "input"}},
+        {"subject": "a", "data": {"tokens": "5", "model": "gpt4", "type": "input"}},
+        {"subject": "a", "data": {"tokens": 7, "model": "gpt4", "type": "output"}},
+        {"subject": "a", "data": {"tokens": 1, "model": None, "type": "output"}},
+        {"subject": "b", "data": {"tokens": 100, "model": "gpt4", "type": "input"}},
+    )
+    meter = make_meter("SUM", value="$.tokens", group_by={"model": "$.model", "type": "$.type"})
+    expected = table(
+        meter,
+        [
+            ("a", "gpt4", "input", H10, 15.0, 2),
+            ("a", "gpt4", "output", H10, 7.0, 1),
+            ("a", None, "output", H10, 1.0, 1),
+            ("b", "gpt4", "input", H10, 100.0, 1),
+        ],
+    )
+    assert_frame_equal(hourly(frame, meter, engine), expected, check_row_order=False)
+
+
+# --- several meters on one event type ----------------------------------------------------------------
+
+
+def test_event_excluded_for_one_meter_still_counts_for_the_others(engine: str) -> None:
+    meter_set = parse_meters(
+        """
+meters:
+  - slug: requests
+    eventType: t
+    aggregation: COUNT
+  - slug: duration
+    eventType: t
+    aggregation: SUM
+    valueProperty: $.duration
+  - slug: ingress
+    eventType: t
+    aggregation: SUM
+    valueProperty: $.bytes
+"""
+    )
+    frame = events(
+        {"data": {"duration": 1.5, "bytes": "x"}},  # bad for ingress only
+        {"data": {"duration": "2", "bytes": 100}},
+        {"data": {"bytes": 50}},  # missing for duration only
+        {"data": None},  # missing for both, still a request
+    )
+    requests, duration, ingress = meter_set.meters
+    assert_frame_equal(hourly(frame, requests, engine), table(requests, [("c1", H10, 4.0, 4)]))
+    assert_frame_equal(hourly(frame, duration, engine), table(duration, [("c1", H10, 3.5, 2)]))
+    assert_frame_equal(hourly(frame, ingress, engine), table(ingress, [("c1", H10, 150.0, 2)]))
+    excluded = {m.slug: extract(frame, m).collect(engine=engine)["excluded"].to_list() for m in meter_set.meters}
+    assert excluded == {
+        "requests": [None, None, None, None],
+        "duration": [None, None, "missing_value", "missing_value"],
+        "ingress": ["bad_value", None, None, "missing_value"],
+    }
+
+
+# --- deduplication -------------------------------------------------------------------------------------
+
+
+def landed(*rows: tuple[str, str, str, str]) -> pl.DataFrame:
+    """(date, source, id, payload) rows in landing order."""
+    return pl.DataFrame(
+        rows, schema={"date": pl.String, "source": pl.String, "id": pl.String, "payload": pl.String}, orient="row"
+    )
+
+
+def test_dedupe_same_date_keeps_the_first_landed_copy() -> None:
+    new = landed(
+        ("2024-01-01", "s", "1", "first"),
+        ("2024-01-01", "s", "2", "other"),
+        ("2024-01-01", "s", "1", "second"),
+        ("2024-01-01", "s", "1", "third"),
+    )
+    kept, dups = dedupe(new)
+    assert kept["payload"].to_list() == ["first", "other"]
+    assert dups["payload"].to_list() == ["second", "third"]
+    assert set(kept.columns) == set(new.columns)  # no helper columns leak out
+
+
+def test_dedupe_first_copy_wins_even_if_it_sorts_later() -> None:
+    new = landed(("2024-01-01", "s", "b", "landed first"), ("2024-01-01", "s", "b", "a landed second"))
+    kept, dups = dedupe(new)
+    assert kept["payload"].to_list() == ["landed first"]
+    assert dups["payload"].to_list() == ["a landed second"]
+
+
+def test_dedupe_key_is_source_and_id_within_a_date() -> None:
+    new = landed(
+        ("2024-01-01", "s", "1", "a"),
+        ("2024-01-02", "s", "1", "b"),  # other date: kept (the documented horizon)
+        ("2024-01-01", "t", "1", "c"),  # other source: a different event
+        ("2024-01-01", "s", "10", "d"),
+    )
+    kept, dups = dedupe(new)
+    assert kept["payload"].to_list() == ["a", "b", "c", "d"]
+    assert dups.is_empty()
+
+
+def test_dedupe_against_existing_keys() -> None:
+    new = landed(
+        ("2024-01-01", "s", "1", "already stored"),
+        ("2024-01-01", "s", "2", "new"),
+        ("2024-01-02", "s", "3", "stored on another date"),
+        ("2024-01-01", "s", "1", "stored, and a copy in this run"),
+    )
+    existing = landed(
+        ("2024-01-01", "s", "1", "old"),
+        ("2024-01-01", "s", "1", "old again"),  # duplicate keys in the store must not multiply rows
+        ("2024-01-03", "s", "3", "old"),
+        ("2024-01-01", "other", "2", "old"),
+    ).select("date", "source", "id")
+    kept, dups = dedupe(new, existing)
+    assert kept["payload"].to_list() == ["new", "stored on another date"]
+    assert sorted(dups["payload"].to_list()) == ["already stored", "stored, and a copy in this run"]
+    assert kept.columns == new.columns
+
+
+def test_dedupe_with_empty_existing_keys() -> None:
+    new = landed(("2024-01-01", "s", "1", "a"), ("2024-01-01", "s", "1", "b"))
+    kept, dups = dedupe(new, landed().select("date", "source", "id"))
+    assert kept["payload"].to_list() == ["a"]
+    assert dups["payload"].to_list() == ["b"]
+
+
+def test_dedupe_of_validated_events_uses_the_utc_date() -> None:
+    # The same event sent twice with different offsets is the same instant and the same UTC date.
+    frame = events(
+        {"id": "x", "time": "2024-01-01T23:30:00Z", "data": {"v": 1}},
+        {"id": "x", "time": "2024-01-02T01:30:00+02:00", "data": {"v": 2}},
+        {"id": "y", "time": "2024-01-01T23:30:00Z"},
+        {"id": "y", "time": "2024-01-02T00:30:00Z"},  # next UTC date: outside the horizon, kept
+    ).collect()
+    kept, dups = dedupe(frame)
+    assert kept.select("id", "date").rows() == [("x", "2024-01-01"), ("y", "2024-01-01"), ("y", "2024-01-02")]
+    assert json.loads(kept["data"][0]) == {"v": 1}
+    assert dups.select("id", "line").rows() == [("x", 2)]

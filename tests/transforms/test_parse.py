@@ -1,0 +1,401 @@
+"""Parsing landed batches (SPEC §2): JSONL and Parquet to envelope text, bad lines and bad files kept apart."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+
+import polars as pl
+import pytest
+
+from transforms.parse import MALFORMED, parse_batch, parse_jsonl, parse_parquet, with_raw_text
+from transforms.schema import ENVELOPE
+from transforms.validate import validate
+
+RECORD_SCHEMA = {**ENVELOPE, "line": pl.Int64}
+
+
+def event(i: int | str, **changes) -> dict:
+    out = {
+        "specversion": "1.0",
+        "id": str(i),
+        "source": "src",
+        "type": "prompt",
+        "subject": "customer-1",
+        "time": "2024-01-01T00:00:00Z",
+        "data": {"tokens": i},
+    }
+    out.update(changes)
+    return out
+
+
+def line(i: int | str, **changes) -> str:
+    return json.dumps(event(i, **changes))
+
+
+def jsonl(*lines: str, end: str = "\n") -> bytes:
+    return ("\n".join(lines) + end).encode()
+
+
+def ids_and_lines(records: pl.DataFrame) -> list[tuple[str | None, int]]:
+    return list(records.select("id", "line").iter_rows())
+
+
+# --- JSONL -------------------------------------------------------------------------------------------
+
+
+def test_plain_jsonl() -> None:
+    parsed = parse_jsonl(jsonl(line(1), line(2), line(3)))
+    assert parsed.unreadable is None
+    assert parsed.malformed.is_empty()
+    assert parsed.records.schema == pl.Schema(RECORD_SCHEMA)
+    assert ids_and_lines(parsed.records) == [("1", 1), ("2", 2), ("3", 3)]
+    first = parsed.records.row(0, named=True)
+    assert first["subject"] == "customer-1"
+    assert first["time"] == "2024-01-01T00:00:00Z"
+    assert json.loads(first["data"]) == {"tokens": 1}
+
+
+@pytest.mark.parametrize("end", ["\n", "", "\n\n\n"])
+def test_blank_lines_keep_line_numbers(end: str) -> None:
+    raw = jsonl("", line("a"), "", "   ", line("b"), "\t", line("c"), end=end)
+    parsed = parse_jsonl(raw)
+    assert parsed.malformed.is_empty()
+    assert ids_and_lines(parsed.records) == [("a", 2), ("b", 5), ("c", 7)]
+
+
+def test_blank_lines_and_a_bad_line_keep_line_numbers() -> None:
+    raw = jsonl(line("a"), "", "oops", "", line("b"))
+    parsed = parse_jsonl(raw)
+    assert ids_and_lines(parsed.records) == [("a", 1), ("b", 5)]
+    assert parsed.malformed["line"].to_list() == [3]
+
+
+def test_crlf_line_endings() -> None:
+    raw = (line("a") + "\r\n\r\n" + line("b") + "\r\n").encode()
+    assert ids_and_lines(parse_jsonl(raw).records) == [("a", 1), ("b", 3)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "this is not json",
+        '{"id": "x", "source": ',
+        "[1, 2, 3]",
+        "42",
+        "-1.5",
+        '"just a string"',
+        "true",
+        "null",
+        line("x") + line("y"),  # two objects on one line
+        line("x") + " trailing",
+    ],
+    ids=["text", "truncated", "array", "int", "float", "string", "bool", "null", "two_objects", "trailing"],
+)
+def test_malformed_line_is_kept_with_its_number_and_text(bad: str) -> None:
+    raw = jsonl(line(1), "", bad, line(4))
+    parsed = parse_jsonl(raw)
+    assert parsed.unreadable is None
+    assert ids_and_lines(parsed.records) == [("1", 1), ("4", 4)]
+    assert parsed.malformed.schema == pl.Schema(MALFORMED)
+    assert parsed.malformed.height == 1
+    row = parsed.malformed.row(0, named=True)
+    assert row["line"] == 3
+    assert row["raw"] == bad
+    assert "JSON" in row["message"]  # the wording is free; it must say why
+
+
+def test_several_malformed_lines() -> None:
+    raw = jsonl("[]", line(2), "{", line(4), "7")
+    parsed = parse_jsonl(raw)
+    assert ids_and_lines(parsed.records) == [("2", 2), ("4", 4)]
+    assert parsed.malformed.select("line", "raw").rows() == [(1, "[]"), (3, "{"), (5, "7")]
+
+
+def test_file_of_only_malformed_lines() -> None:
+    parsed = parse_jsonl(jsonl("nope", "[1]"))
+    assert parsed.records.is_empty()
+    assert parsed.records.schema == pl.Schema(RECORD_SCHEMA)
+    assert parsed.malformed["line"].to_list() == [1, 2]
+
+
+def test_empty_file() -> None:
+    parsed = parse_jsonl(b"")
+    assert parsed.unreadable is None
+    assert parsed.records.is_empty() and parsed.malformed.is_empty()
+
+
+@pytest.mark.parametrize(
+    "bad_data",
+    [
+        '{"tokens": NaN}',
+        '{"tokens": Infinity}',
+        '{"tokens": -Infinity}',
+        '{"tokens": 1e999}',
+        '{"t": 1' + "0" * 400 + "}",
+    ],
+    ids=["nan", "inf", "minus_inf", "float_overflow", "int_overflow"],
+)
+def test_json_that_python_accepts_but_is_not_json_is_malformed_not_a_crash(bad_data: str) -> None:
+    bad = line(2).replace('{"tokens": 2}', bad_data)
+    assert bad != line(2)
+    parsed = parse_jsonl(jsonl(line(1), bad, line(3)))
+    assert parsed.unreadable is None
+    assert ids_and_lines(parsed.records) == [("1", 1), ("3", 3)]
+    assert parsed.malformed.select("line", "raw").rows() == [(2, bad)]
+
+
+def test_byte_order_mark_at_file_start_is_ignored() -> None:
+    raw = b"\xef\xbb\xbf" + jsonl(line(1), line(2))
+    parsed = parse_jsonl(raw)
+    assert parsed.malformed.is_empty()
+    assert ids_and_lines(parsed.records) == [("1", 1), ("2", 2)]
+
+
+def test_byte_order_mark_inside_the_file_is_a_malformed_line() -> None:
+    raw = jsonl(line(1)) + b"\xef\xbb\xbf" + jsonl(line(2), line(3))
+    parsed = parse_jsonl(raw)
+    assert ids_and_lines(parsed.records) == [("1", 1), ("3", 3)]
+    assert parsed.malformed["line"].to_list() == [2]
+
+
+def test_invalid_utf8_line_is_malformed() -> None:
+    raw = jsonl(line(1)) + line(2).replace("customer-1", "cust\udcff").encode("utf-8", "surrogateescape") + b"\n"
+    parsed = parse_jsonl(raw)
+    assert ids_and_lines(parsed.records) == [("1", 1)]
+    assert parsed.malformed["line"].to_list() == [2]
+
+
+@pytest.mark.parametrize(
+    ("changes", "nulled"),
+    [
+        ({"id": 5}, "id"),
+        ({"id": 1.5}, "id"),
+        ({"id": {"a": 1}}, "id"),
+        ({"id": [1]}, "id"),
+        ({"id": True}, "id"),
+        ({"subject": True}, "subject"),
+        ({"subject": 0}, "subject"),
+        ({"source": {"a": 1}}, "source"),
+        ({"type": False}, "type"),
+    ],
+)
+def test_non_string_attribute_becomes_null(changes: dict, nulled: str) -> None:
+    raw = jsonl(line("ok1"), line("bad", **changes), line("ok2"))
+    records = parse_jsonl(raw).records
+    bad = records.filter(pl.col("line") == 2).row(0, named=True)
+    assert bad[nulled] is None
+    for other in ("id", "source", "type", "subject"):
+        if other != nulled:
+            assert bad[other] is not None
+    # The other lines are untouched.
+    assert records.filter(pl.col("line") != 2)["id"].to_list() == ["ok1", "ok2"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [({"id": 5}, "missing_id"), ({"id": {"a": 1}}, "missing_id"), ({"subject": True}, "missing_subject")],
+)
+def test_non_string_attribute_fails_validation(changes: dict, reason: str) -> None:
+    valid, rejected = validate(parse_jsonl(jsonl(line("ok"), line("bad", **changes))).records)
+    assert valid["id"].to_list() == ["ok"]
+    assert rejected.select("line", "reason").rows() == [(2, reason)]
+
+
+def test_numeric_looking_strings_stay_strings() -> None:
+    raw = jsonl(line("5", subject="123", source="true", type="{x"))
+    row = parse_jsonl(raw).records.row(0, named=True)
+    assert (row["id"], row["subject"], row["source"], row["type"]) == ("5", "123", "true", "{x")
+
+
+def test_key_first_seen_after_ten_thousand_events_is_kept() -> None:
+    lines = [line(i) for i in range(10_050)]
+    lines.append(line("late", data={"tokens": 1, "late_key": "here", "nested": {"deep": 7}}))
+    records = parse_jsonl(jsonl(*lines)).records
+    assert records.height == 10_051
+    got = records.select(
+        pl.col("data").str.json_path_match("$.late_key").alias("late"),
+        pl.col("data").str.json_path_match("$.nested.deep").alias("deep"),
+    ).filter(pl.col("late").is_not_null())
+    assert got.rows() == [("here", "7")]
+    # An envelope attribute first seen late is kept too.
+    lines.append(line("dct", datacontenttype="application/json"))
+    records = parse_jsonl(jsonl(*lines)).records
+    assert records.filter(pl.col("id") == "dct")["datacontenttype"].to_list() == ["application/json"]
+
+
+def test_data_object_and_null() -> None:
+    raw = jsonl(
+        line(1, data={"a": {"b": [1, 2]}, "s": "x"}), line(2, data=None), line(3).replace(', "data": {"tokens": 3}', "")
+    )
+    records = parse_jsonl(raw).records
+    data = records["data"].to_list()
+    assert json.loads(data[0]) == {"a": {"b": [1, 2]}, "s": "x"}
+    assert data[1] is None and data[2] is None
+
+
+# --- gzip --------------------------------------------------------------------------------------------
+
+
+def test_gzip_jsonl_is_decompressed() -> None:
+    raw = gzip.compress(jsonl(line(1), "", line(2), "nope"))
+    parsed = parse_batch(raw, "landing/2024/01/batch.jsonl.gz")
+    assert parsed.unreadable is None
+    assert ids_and_lines(parsed.records) == [("1", 1), ("2", 3)]
+    assert parsed.malformed.select("line", "raw").rows() == [(4, "nope")]
+
+
+@pytest.mark.parametrize("name", ["batch.jsonl.gz", "batch.NDJSON.GZ"])
+@pytest.mark.parametrize("damage", ["not_gzip", "truncated"])
+def test_bad_gzip_is_unreadable(name: str, damage: str) -> None:
+    good = gzip.compress(jsonl(*(line(i) for i in range(200))))
+    raw = b"plain text, not gzip" if damage == "not_gzip" else good[: len(good) // 2]
+    parsed = parse_batch(raw, name)
+    assert parsed.unreadable is not None and "gzip" in parsed.unreadable
+    assert parsed.records.is_empty() and parsed.malformed.is_empty()
+
+
+def test_parse_batch_dispatches_plain_jsonl_and_ndjson() -> None:
+    for name in ("a.jsonl", "b.ndjson", "C.JSONL"):
+        assert ids_and_lines(parse_batch(jsonl(line(1)), name).records) == [("1", 1)]
+
+
+def test_raw_text_of_rejected_jsonl_lines_is_the_exact_line() -> None:
+    bad = line("x", subject="")
+    parsed = parse_jsonl(jsonl(line(1), "", bad))
+    _, rejected = validate(parsed.records)
+    rejected = with_raw_text(rejected, parsed)
+    assert rejected.select("line", "reason", "raw").rows() == [(3, "missing_subject", bad)]
+
+
+# --- Parquet -----------------------------------------------------------------------------------------
+
+
+def envelope_frame(n: int = 2) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "specversion": ["1.0"] * n,
+            "id": [f"e{i}" for i in range(n)],
+            "source": ["src"] * n,
+            "type": ["prompt"] * n,
+            "subject": ["customer-1"] * n,
+        }
+    )
+
+
+def parquet_bytes(df: pl.DataFrame, tmp_path, name: str = "batch.parquet") -> bytes:
+    path = tmp_path / name
+    df.write_parquet(path)
+    return path.read_bytes()
+
+
+def test_parquet_with_struct_data_and_string_time(tmp_path) -> None:
+    df = envelope_frame(3).with_columns(
+        time=pl.Series(["2024-01-01T00:00:00Z", "2024-01-01T01:00:00.5+02:00", "2024-01-01T02:00:00Z"]),
+        data=pl.Series(
+            [{"tokens": 10, "model": "gpt"}, {"tokens": None, "model": "x"}, None],
+            dtype=pl.Struct({"tokens": pl.Int64, "model": pl.String}),
+        ),
+    )
+    parsed = parse_batch(parquet_bytes(df, tmp_path), "landing/batch.parquet")
+    assert parsed.unreadable is None and parsed.kind == "parquet"
+    records = parsed.records
+    assert records.schema == pl.Schema(RECORD_SCHEMA)
+    assert records["line"].to_list() == [1, 2, 3]
+    data = records["data"].to_list()
+    assert json.loads(data[0]) == {"tokens": 10, "model": "gpt"}
+    assert json.loads(data[1]) == {"tokens": None, "model": "x"}
+    assert data[2] is None
+    assert records.select(pl.col("data").str.json_path_match("$.tokens")).to_series().to_list() == ["10", None, None]
+    valid, rejected = validate(records)
+    assert rejected.is_empty()
+    assert valid["time"].to_list() == [
+        dt.datetime(2024, 1, 1, 0, 0, tzinfo=dt.UTC),
+        dt.datetime(2023, 12, 31, 23, 0, 0, 500000, tzinfo=dt.UTC),
+        dt.datetime(2024, 1, 1, 2, 0, tzinfo=dt.UTC),
+    ]
+
+
+def test_parquet_with_string_data(tmp_path) -> None:
+    df = envelope_frame(4).with_columns(
+        time=pl.lit("2024-01-01T00:00:00Z"),
+        data=pl.Series(['{"tokens": "123456", "model": "gpt4"}', None, "null", '["not", "an", "object"]']),
+    )
+    valid, rejected = validate(parse_parquet(parquet_bytes(df, tmp_path)).records)
+    # The JSON text `null` is a null payload (json.dumps(None)), like a null cell.
+    assert valid.select("id", "data").rows() == [
+        ("e0", '{"tokens": "123456", "model": "gpt4"}'),
+        ("e1", None),
+        ("e2", None),
+    ]
+    assert rejected.select("id", "reason").rows() == [("e3", "bad_data")]
+
+
+@pytest.mark.parametrize(
+    ("tz", "local", "utc"),
+    [
+        (None, dt.datetime(2024, 1, 1, 1, 2, 3, 456789), dt.datetime(2024, 1, 1, 1, 2, 3, 456789, tzinfo=dt.UTC)),
+        ("UTC", dt.datetime(2024, 1, 1, 1, 2, 3), dt.datetime(2024, 1, 1, 1, 2, 3, tzinfo=dt.UTC)),
+        ("Europe/Berlin", dt.datetime(2024, 7, 1, 12, 0), dt.datetime(2024, 7, 1, 10, 0, tzinfo=dt.UTC)),
+        ("America/New_York", dt.datetime(2024, 1, 31, 21, 30), dt.datetime(2024, 2, 1, 2, 30, tzinfo=dt.UTC)),
+    ],
+    ids=["naive_is_utc", "utc", "berlin_summer", "new_york_crosses_month"],
+)
+@pytest.mark.parametrize("unit", ["ms", "us", "ns"])
+def test_parquet_with_timestamp_time(tmp_path, tz, local, utc, unit) -> None:
+    time = pl.Series("time", [local], dtype=pl.Datetime(unit))
+    if tz is not None:
+        time = time.dt.replace_time_zone(tz)
+    if unit == "ms":
+        local = local.replace(microsecond=local.microsecond // 1000 * 1000)
+        utc = utc.replace(microsecond=utc.microsecond // 1000 * 1000)
+    df = envelope_frame(1).with_columns(time, data=pl.lit('{"tokens": 1}'))
+    valid, rejected = validate(parse_parquet(parquet_bytes(df, tmp_path)).records)
+    assert rejected.is_empty()
+    assert valid["time"].to_list() == [utc]
+    assert valid["date"].to_list() == [utc.date().isoformat()]
+
+
+def test_parquet_timestamp_keeps_nanoseconds(tmp_path) -> None:
+    time = pl.Series("time", ["2024-01-01T00:00:00.123456789"]).str.to_datetime(time_unit="ns", time_zone="UTC")
+    df = envelope_frame(1).with_columns(time, data=pl.lit(None, pl.String))
+    valid, _ = validate(parse_parquet(parquet_bytes(df, tmp_path)).records)
+    assert valid.select(pl.col("time").dt.nanosecond()).item() == 123456789
+
+
+def test_parquet_missing_and_non_string_columns(tmp_path) -> None:
+    df = pl.DataFrame(
+        {
+            "id": [1, 2],  # integer ids are not strings: treated as absent, like JSONL
+            "source": ["src", "src"],
+            "type": ["prompt", "prompt"],
+            "subject": ["c", "c"],
+            "time": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00Z"],
+        }
+    )
+    parsed = parse_parquet(parquet_bytes(df, tmp_path))
+    assert parsed.records.schema == pl.Schema(RECORD_SCHEMA)
+    assert parsed.records["data"].to_list() == [None, None]
+    _, rejected = validate(parsed.records)
+    assert rejected["reason"].to_list() == ["missing_id", "missing_id"]
+
+
+def test_parquet_with_categorical_strings(tmp_path) -> None:
+    df = envelope_frame(2).with_columns(
+        pl.col("subject").cast(pl.Categorical), time=pl.lit("2024-01-01T00:00:00Z"), data=pl.lit('{"tokens": 1}')
+    )
+    records = parse_parquet(parquet_bytes(df, tmp_path)).records
+    assert records["subject"].to_list() == ["customer-1", "customer-1"]
+
+
+@pytest.mark.parametrize("cut", ["half", "no_footer", "empty", "not_parquet"])
+def test_truncated_parquet_is_unreadable(tmp_path, cut: str) -> None:
+    df = envelope_frame(100).with_columns(time=pl.lit("2024-01-01T00:00:00Z"), data=pl.lit('{"tokens": 1}'))
+    good = parquet_bytes(df, tmp_path)
+    raw = {"half": good[: len(good) // 2], "no_footer": good[:-8], "empty": b"", "not_parquet": jsonl(line(1))}[cut]
+    parsed = parse_batch(raw, "landing/x.parquet")
+    assert parsed.kind == "parquet"
+    assert parsed.unreadable is not None and "Parquet" in parsed.unreadable
+    assert parsed.records.is_empty()
+    assert parsed.records.schema == pl.Schema(RECORD_SCHEMA)
