@@ -21,6 +21,7 @@ from flows import state
 from flows.storage import FileInfo, Storage
 from meters import Billing, Meter, MeterSet
 from transforms.dedupe import dedupe
+from transforms.extract import extract, extract_paths
 from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import exclusions, hourly_table, period_table
@@ -291,14 +292,16 @@ def recompute_type(
         events = empty(EVENT).select("id", "source", "subject", "time", "data", "file", "line", "batch", "date")
     summary: dict[str, dict[str, int]] = {}
     in_dates = pl.col("date").is_in(sorted(dates))
+    paths = extract_paths(events.lazy(), meters).collect()  # every JSONPath of the type, once
+    existing = _existing_partitions(storage, meters)
     for meter in meters:
-        extracted = extract_meter(events, meter).collect().lazy()  # extract once, aggregate twice
+        extracted = extract(paths.lazy(), meter).collect().lazy()  # extract once, aggregate twice
         hourly = hourly_table(extracted.filter(in_dates), meter).collect()
-        written = _publish(storage, hourly, "date", dates, partial(hourly_file, meter.slug))
+        _publish(storage, hourly, "date", dates, partial(hourly_file, meter.slug), existing)
         period = period_table(extracted, meter, billing, periods).collect()
-        written_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug))
+        written_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
         excluded = exclusions(extracted.filter(in_dates), meter).collect()
-        _publish(storage, excluded, "date", dates, partial(meter_quarantine_file, meter.slug), sort=False)
+        _publish(storage, excluded, "date", dates, partial(meter_quarantine_file, meter.slug), existing, sort=False)
         summary[meter.slug] = {
             "hourly_partitions": len(dates),
             "periods": len(period_starts),
@@ -307,14 +310,16 @@ def recompute_type(
             "excluded": excluded.height,
             "latest_period": max(period_starts) if written_p else None,
         }
-        del written
     return summary
 
 
-def extract_meter(events: pl.DataFrame, meter: Meter) -> pl.LazyFrame:
-    from transforms.extract import extract
-
-    return extract(events.lazy(), meter)
+def _existing_partitions(storage: Storage, meters: list[Meter]) -> set[str]:
+    """Partition files the meters have now, so empty partitions are deleted without blind delete calls."""
+    found: set[str] = set()
+    for meter in meters:
+        for prefix in (f"usage/{meter.slug}", f"quarantine/meter/{meter.slug}"):
+            found.update(f.path for f in storage.list_files(prefix, (".parquet",)))
+    return found
 
 
 def _publish(
@@ -323,6 +328,7 @@ def _publish(
     key: str,
     values: list[str],
     path: Callable[[str], str],
+    existing: set[str],
     sort: bool = True,
 ) -> int:
     """Replace each partition `key=value` with its rows; partitions left empty are deleted."""
@@ -331,7 +337,8 @@ def _publish(
     for value in values:
         df = parts.get(value)
         if df is None or df.is_empty():
-            storage.delete([path(value)])
+            if path(value) in existing:
+                storage.delete([path(value)])
             continue
         if sort:
             df = df.sort(
@@ -358,12 +365,11 @@ def recover(storage: Storage) -> tuple[dict, list[state.Pending]]:
     stale: list[state.Pending] = []
     for pending in state.read_pendings(storage):
         if pending.run_id in committed:  # committed: finish its deletes (re-ingest) and redo its tables
+            # Always redo: a re-ingest commits before it recomputes, and the backfill around it rewrites the
+            # pending record without `deletes`, so a crash there left tables built from the old events.
             storage.delete(pending.deletes)
-            if pending.deletes:
-                redo = merge_touched(redo, pending.touched)
-                stale.append(pending)
-            else:
-                state.clear_pending(storage, pending.run_id)
+            redo = merge_touched(redo, pending.touched)
+            stale.append(pending)
             continue
         storage.delete(pending.files)  # roll back: the batches are read again by this run
         redo = merge_touched(redo, pending.touched)

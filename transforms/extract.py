@@ -10,15 +10,32 @@ from meters import Meter
 DECIMAL = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 
 
+def path_column(path: str) -> str:
+    """Name of the column holding a JSONPath's extracted text (see `extract_paths`)."""
+    return f"_path:{path}"
+
+
+def extract_paths(events: pl.LazyFrame, meters: list[Meter] | tuple[Meter, ...]) -> pl.LazyFrame:
+    """Extract every distinct JSONPath of the meters once, so meters sharing a type share the work."""
+    paths = sorted({p for m in meters for p in [m.value_path, *m.group_paths.values()] if p})
+    return events.with_columns(pl.col("data").str.json_path_match(p).alias(path_column(p)) for p in paths)
+
+
+def _text(events: pl.LazyFrame, path: str) -> pl.Expr:
+    column = path_column(path)
+    return pl.col(column) if column in events.collect_schema() else pl.col("data").str.json_path_match(path)
+
+
 def extract(events: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
     """Add `value` (Float64, or text for UNIQUE_COUNT), one String column per groupBy key, and `excluded`.
 
     `excluded` is null when the event counts for this meter, else `missing_value` or `bad_value`.
+    Paths already extracted by `extract_paths` are reused.
     """
-    groups = [pl.col("data").str.json_path_match(path).alias(key) for key, path in meter.group_paths.items()]
+    groups = [_text(events, path).alias(key) for key, path in meter.group_paths.items()]
     if meter.aggregation == "COUNT":
         return events.with_columns(*groups, value=pl.lit(1.0), excluded=pl.lit(None, pl.String))
-    text = pl.col("data").str.json_path_match(meter.value_path)
+    text = _text(events, meter.value_path)
     if meter.aggregation == "UNIQUE_COUNT":
         return events.with_columns(*groups, value=text).with_columns(
             excluded=pl.when(pl.col("value").is_null()).then(pl.lit("missing_value")).otherwise(None)
