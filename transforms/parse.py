@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import zlib
 from dataclasses import dataclass
 
+import orjson
 import polars as pl
 
 from transforms.schema import ENVELOPE, conform, empty
@@ -66,11 +66,8 @@ def parse_jsonl(raw: bytes) -> Parsed:
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is not data
     try:
         records = pl.read_ndjson(io.BytesIO(raw), schema=ENVELOPE)
-    except Exception:  # noqa: BLE001 - any parse failure means: find the bad lines
-        try:
-            return _parse_jsonl_vectorised(raw)
-        except Exception:  # noqa: BLE001 - e.g. invalid UTF-8: the careful, slow way
-            return _parse_jsonl_by_line(raw)
+    except Exception:  # noqa: BLE001 - any parse failure means: find the bad lines one by one
+        return _parse_jsonl_by_line(raw)
     # Row i is line i+1 unless the file has blank lines; only then pay for the split.
     newlines = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
     if newlines == records.height:
@@ -84,49 +81,8 @@ def parse_jsonl(raw: bytes) -> Parsed:
     return Parsed(_check_string_types(records, raw), empty(MALFORMED), None, "jsonl", raw)
 
 
-def _parse_jsonl_vectorised(raw: bytes) -> Parsed:
-    """Find malformed lines with Polars (`json_path_match("$")` is null for invalid JSON), parse the rest."""
-    lines = (
-        pl.DataFrame({"raw": pl.Series(raw.split(b"\n"), dtype=pl.Binary).cast(pl.String)})
-        .with_row_index("line", offset=1)
-        .with_columns(pl.col("line").cast(pl.Int64))
-        .filter(pl.col("raw").str.strip_chars() != "")
-        .with_columns(_json=pl.col("raw").str.json_path_match("$"))
-    )
-    is_object = pl.col("_json").is_not_null() & pl.col("raw").str.strip_chars_start().str.starts_with("{")
-    good = lines.filter(is_object)
-    malformed = lines.filter(~is_object).select(
-        "line",
-        "raw",
-        message=pl.when(pl.col("_json").is_null())
-        .then(pl.lit("not valid JSON"))
-        .otherwise(pl.lit("a JSON value that is not an object")),
-    )
-    text = good.select(pl.col("raw").str.join("\n")).item() if good.height else ""
-    records = pl.read_ndjson(io.BytesIO(text.encode()), schema=ENVELOPE) if good.height else empty(ENVELOPE)
-    if records.height != good.height:
-        raise ValueError("line count mismatch")
-    records = records.with_columns(line=good["line"])
-    return Parsed(_check_string_types(records, raw), malformed, None, "jsonl", raw)
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _finite_int(text: str) -> int:
-    _finite_float(text)  # Polars reads numbers as floats: a 400-digit integer does not fit
-    return int(text)
-
-
 def _parse_jsonl_by_line(raw: bytes) -> Parsed:
+    """Check each line with orjson (strict like Polars: no NaN, no infinities, no BOM, valid UTF-8)."""
     good: list[bytes] = []
     good_lines: list[int] = []
     bad: list[dict] = []
@@ -134,14 +90,8 @@ def _parse_jsonl_by_line(raw: bytes) -> Parsed:
         if not line.strip():
             continue
         try:
-            # Decode first: json.loads(bytes) would skip a BOM, and accept NaN/Infinity, that Polars rejects.
-            value = json.loads(
-                line.decode("utf-8"),
-                parse_constant=_reject_constant,
-                parse_float=_finite_float,
-                parse_int=_finite_int,
-            )
-        except (ValueError, UnicodeDecodeError) as exc:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
             bad.append({"line": number, "raw": line.decode("utf-8", "replace"), "message": f"not JSON: {exc}"})
             continue
         if not isinstance(value, dict):
@@ -169,7 +119,10 @@ def _check_string_types(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
     all_lines = raw.split(b"\n")
     fixes: dict[str, list[int]] = {a: [] for a in STRING_ATTRS}
     for number in suspects["line"].to_list():
-        value = json.loads(all_lines[number - 1])
+        try:
+            value = orjson.loads(all_lines[number - 1])
+        except orjson.JSONDecodeError:  # Polars read it; orjson is stricter (e.g. integers past 64 bits)
+            continue
         for attr in STRING_ATTRS:
             if attr in value and value[attr] is not None and not isinstance(value[attr], str):
                 fixes[attr].append(number)
