@@ -74,6 +74,8 @@ def run(
         bool | None,
         typer.Option("--prefect/--no-prefect", help="Run as a Prefect flow (default: when PREFECT_API_URL is set)."),
     ] = None,
+    dask: Annotated[str | None, typer.Option("--dask", help="Dask scheduler address (tcp://host:8786).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Start a local Dask cluster of N workers.")] = None,
 ) -> None:
     """Process every new batch under ROOT/landing/ and republish the windows it touched.
 
@@ -81,10 +83,12 @@ def run(
     """
     meterset = _load(meters)
     storage = _storage(root, must_exist=True)
-    if _use_prefect(prefect):
-        from flows.prefect_flows import hourly_flow
+    if workers is not None and workers < 1:
+        fail("--workers must be at least 1")
+    if _use_prefect(prefect) or dask or workers:
+        from flows.prefect_flows import run_hourly
 
-        hourly_flow(root=root, meters=meters)
+        run_hourly(root=root, meters=meters, dask_address=dask, workers=workers)
     else:
         from flows.pipeline import run as run_once
 
@@ -100,6 +104,8 @@ def backfill(
     root: RootOpt = "data",
     meters: MetersOpt = "data/meters.yaml",
     prefect: Annotated[bool | None, typer.Option("--prefect/--no-prefect", help="Run as a Prefect flow.")] = None,
+    dask: Annotated[str | None, typer.Option("--dask", help="Dask scheduler address (tcp://host:8786).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Start a local Dask cluster of N workers.")] = None,
 ) -> None:
     """Recompute [--from, --to) for all meters or the named ones. Running it twice changes nothing.
 
@@ -115,10 +121,19 @@ def backfill(
         except KeyError as exc:
             fail(str(exc.args[0]))
     storage = _storage(root)
-    if _use_prefect(prefect):
-        from flows.prefect_flows import backfill_flow
+    if _use_prefect(prefect) or dask or workers:
+        from flows.prefect_flows import run_backfill
 
-        backfill_flow(start=start, end=end, root=root, meters=meters, meter=meter or None, reingest=reingest)
+        run_backfill(
+            dask_address=dask,
+            workers=workers,
+            start=start,
+            end=end,
+            root=root,
+            meters=meters,
+            meter=meter or None,
+            reingest=reingest,
+        )
         return
     from rich.progress import Progress
 

@@ -34,12 +34,22 @@ EVENTS = "events"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
 
-# A step runner: how each named step is executed (directly, or as a Prefect task with retries).
-Step = Callable[..., Any]
+
+class Runner:
+    """How steps run: here, one after another. `flows/prefect_flows.py` runs them as Prefect tasks.
+
+    `step` runs one named step; `fan` runs independent calls of one function (per event type), which a
+    Prefect runner submits concurrently to its task runner (threads, or a Dask cluster).
+    """
+
+    def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def fan(self, name: str, fn: Callable[..., Any], calls: list[tuple]) -> list[Any]:
+        return [fn(*args) for args in calls]
 
 
-def direct(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
+DIRECT = Runner()
 
 
 @dataclass
@@ -383,7 +393,7 @@ def run(
     storage: Storage,
     meterset: MeterSet,
     *,
-    step: Step = direct,
+    runner: Runner = DIRECT,
     log: Callable[[str], None] = print,
     lock_ttl: int = LOCK_TTL,
 ) -> dict:
@@ -393,15 +403,15 @@ def run(
     storage.check_root(create=not storage.is_s3)
     state.acquire_lock(storage, run_id, lock_ttl)
     try:
-        redo, stale = step("recover", recover, storage)
-        batches = step("find-new-batches", find_new_batches, storage)
+        redo, stale = runner.step("recover", recover, storage)
+        batches = runner.step("find-new-batches", find_new_batches, storage)
         had_events = bool(event_files_by_date(storage))
-        result: IngestResult = step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
+        result: IngestResult = runner.step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
-        meters_summary = recompute_all(storage, meterset, result.touched, step)
+        meters_summary = recompute_all(storage, meterset, result.touched, runner)
         if result.manifest_rows or result.files:
-            step("commit", state.commit_manifest, storage, run_id, result.manifest_rows)
+            runner.step("commit", state.commit_manifest, storage, run_id, result.manifest_rows)
         fingerprints = update_fingerprints(storage, meterset, first_run=not had_events)
         state.clear_pending(storage, run_id)
         summary = _summary(run_id, "run", result, meters_summary, started, fingerprints)
@@ -412,24 +422,16 @@ def run(
     return summary
 
 
-def recompute_all(storage: Storage, meterset: MeterSet, touched: dict, step: Step = direct) -> dict:
-    summary: dict[str, dict[str, int]] = {}
+def recompute_all(storage: Storage, meterset: MeterSet, touched: dict, runner: Runner = DIRECT) -> dict:
+    """Recompute every meter of every touched event type; event types are independent (fanned out)."""
+    calls = []
     for event_type, parts in sorted(touched.items()):
         meters = [m for m in meterset.meters if m.event_type == event_type]
-        if not meters:
-            continue
-        summary.update(
-            step(
-                f"recompute-{event_type}",
-                recompute_type,
-                storage,
-                event_type,
-                meters,
-                meterset.billing,
-                parts["dates"],
-                parts["local_dates"],
-            )
-        )
+        if meters:
+            calls.append((storage, event_type, meters, meterset.billing, parts["dates"], parts["local_dates"]))
+    summary: dict[str, dict[str, int]] = {}
+    for result in runner.fan("recompute", recompute_type, calls):
+        summary.update(result)
     return summary
 
 
@@ -551,7 +553,7 @@ def backfill(
     *,
     slugs: list[str] | None = None,
     reingest_landing: bool = False,
-    step: Step = direct,
+    runner: Runner = DIRECT,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int, str], None] | None = None,
     lock_ttl: int = LOCK_TTL,
@@ -568,10 +570,10 @@ def backfill(
     storage.check_root()
     state.acquire_lock(storage, run_id, lock_ttl)
     try:
-        redo, stale = step("recover", recover, storage)
+        redo, stale = runner.step("recover", recover, storage)
         result = IngestResult()
         if reingest_landing:
-            result = step("reingest", reingest, storage, run_id, meterset.billing, start, end)
+            result = runner.step("reingest", reingest, storage, run_id, meterset.billing, start, end)
         dates = _days(start, end)
         # local dates of the range, widened by a day either side so every overlapping period is rebuilt
         local = _days(start - dt.timedelta(days=1), end + dt.timedelta(days=1))
@@ -584,9 +586,9 @@ def backfill(
         for i, event_type in enumerate(types):
             if progress:
                 progress(i, len(types), event_type)
-            summary.update(recompute_all(storage, selected, {event_type: touched[event_type]}, step))
+            summary.update(recompute_all(storage, selected, {event_type: touched[event_type]}, runner))
         if redo:
-            summary.update(recompute_all(storage, meterset, redo, step))
+            summary.update(recompute_all(storage, meterset, redo, runner))
         if progress:
             progress(len(types), len(types), "done")
         all_dates = sorted(event_files_by_date(storage))

@@ -26,10 +26,36 @@ from meters import load_meters_file
 RETRY_DELAYS = [1, 5, 15]
 
 
-def prefect_step(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run one pipeline step as a Prefect task with retries (every step is safe to repeat)."""
-    runner = task(fn, name=name, retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
-    return runner(*args, **kwargs)
+class PrefectRunner(pipeline.Runner):
+    """Each step a Prefect task with retries (every step is safe to repeat); fans are submitted
+    concurrently to the flow's task runner: threads by default, a Dask cluster with `DaskTaskRunner`."""
+
+    @staticmethod
+    def _task(name: str, fn: Any) -> Any:
+        return task(fn, name=name, retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
+
+    def step(self, name: str, fn: Any, *args: Any) -> Any:
+        return self._task(name, fn)(*args)
+
+    def fan(self, name: str, fn: Any, calls: list[tuple]) -> list[Any]:
+        runner = self._task(name, fn)
+        futures = [runner.submit(*args) for args in calls]
+        return [future.result() for future in futures]
+
+
+PREFECT = PrefectRunner()
+
+
+def task_runner(dask_address: str | None = None, workers: int | None = None) -> Any:
+    """A DaskTaskRunner for an existing cluster (address) or a local one (workers); None keeps threads."""
+    if not dask_address and not workers:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    return DaskTaskRunner(cluster_kwargs=cluster)
 
 
 def _top_tables(storage: Storage, summary: dict) -> None:
@@ -68,7 +94,7 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     scheduled = flow_run.scheduled_start_time
     logger.info("meterlake hourly run (scheduled for %s) on %s", scheduled, root)
     storage = Storage(root)
-    summary = pipeline.run(storage, load_meters_file(meters), step=prefect_step, log=logger.info)
+    summary = pipeline.run(storage, load_meters_file(meters), runner=PREFECT, log=logger.info)
     _artifacts(summary)
     _top_tables(storage, summary)
     return summary
@@ -98,9 +124,22 @@ def backfill_flow(
         end,
         slugs=meter or None,
         reingest_landing=reingest,
-        step=prefect_step,
+        runner=PREFECT,
         log=logger.info,
         progress=progress,
     )
     _artifacts(summary)
     return summary
+
+
+def run_hourly(root: str, meters: str, dask_address: str | None = None, workers: int | None = None) -> dict:
+    """Run the hourly flow, on a Dask cluster when asked (tables are identical either way)."""
+    runner = task_runner(dask_address, workers)
+    flow_fn = hourly_flow if runner is None else hourly_flow.with_options(task_runner=runner)
+    return flow_fn(root=root, meters=meters)
+
+
+def run_backfill(dask_address: str | None = None, workers: int | None = None, **params: Any) -> dict:
+    runner = task_runner(dask_address, workers)
+    flow_fn = backfill_flow if runner is None else backfill_flow.with_options(task_runner=runner)
+    return flow_fn(**params)
