@@ -33,6 +33,7 @@ LANDING = "landing"
 EVENTS = "events"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
+CHUNK_BYTES = 256 * 2**20  # landed bytes parsed at once: bounds ingest memory
 
 
 class Runner:
@@ -181,18 +182,59 @@ def touched_by(events: pl.DataFrame, billing: Billing) -> dict[str, dict[str, li
     return {r["type"]: {"dates": r["date"], "local_dates": r["local"]} for r in per.to_dicts()}
 
 
-def ingest(storage: Storage, run_id: str, batches: list[FileInfo], billing: Billing, redo: dict) -> IngestResult:
+def chunk_batches(batches: list[FileInfo], max_bytes: int) -> list[list[FileInfo]]:
+    """Consecutive groups of batches (landing order kept) of at most `max_bytes` input each."""
+    chunks: list[list[FileInfo]] = []
+    size = 0
+    for info in batches:
+        if not chunks or (size + info.size > max_bytes and chunks[-1]):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(info)
+        size += info.size
+    return chunks
+
+
+def ingest(
+    storage: Storage,
+    run_id: str,
+    batches: list[FileInfo],
+    billing: Billing,
+    redo: dict,
+    chunk_bytes: int | None = None,
+) -> IngestResult:
     """Validate and deduplicate new batches, then append them to events/ and quarantine/.
 
-    Writes `_state/pending/<run>.json` first, so a crash here is rolled back by the next run.
+    Batches are taken in chunks of about `chunk_bytes` of input, in landing order, so memory stays
+    bounded however much has landed; each chunk deduplicates against everything stored before it.
+    Before a chunk writes anything, `_state/pending/<run>.json` lists its files, so a crash is rolled
+    back by the next run.
     """
     for pending in state.read_pendings(storage):
         if pending.run_id == run_id:  # a retried attempt: undo the partial one first
             storage.delete(pending.files)
-    manifest = state.read_manifest(storage)
-    known = set(manifest["batch"].to_list())
+    known = set(state.read_manifest(storage)["batch"].to_list())
+    total = IngestResult(batches=len(batches), touched=merge_touched({}, redo))
+    reasons: Counter[str] = Counter()
+    state.write_pending(storage, state.Pending(run_id=run_id, touched=total.touched))
+    for index, chunk in enumerate(chunk_batches(batches, chunk_bytes or CHUNK_BYTES)):
+        part = _ingest_chunk(storage, f"{run_id}-{index:04d}", run_id, chunk, known, billing, total, reasons)
+        total.manifest_rows.extend({**r, "run_id": run_id} for r in part)
+    total.quarantined = dict(sorted(reasons.items()))
+    return total
+
+
+def _ingest_chunk(
+    storage: Storage,
+    name: str,
+    run_id: str,
+    batches: list[FileInfo],
+    known: set[str],
+    billing: Billing,
+    total: IngestResult,
+    reasons: Counter[str],
+) -> list[dict]:
     new, quarantine, rows, unchanged = read_batches(storage, batches, known)
-    records = new.height + quarantine.height
     by_date = event_files_by_date(storage)
     dates = new["date"].unique().to_list()
     existing = [p for d in dates for p in by_date.get(d, [])]
@@ -208,28 +250,22 @@ def ingest(storage: Storage, run_id: str, batches: list[FileInfo], billing: Bill
         )
         quarantine = pl.concat([quarantine, conform(dup_rows, QUARANTINE)])
     kept = conform(kept, EVENT)
-    touched = touched_by(kept, billing)
     q_batches = sorted(set(quarantine["batch"].to_list()))
-    kept_dates = sorted(set(kept["date"].to_list()))
-    files = [event_file(d, run_id) for d in kept_dates] + [batch_quarantine_file(b) for b in q_batches]
-    pending_touched = merge_touched(touched, redo)
-    state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=pending_touched))
-    write_events(storage, kept, run_id)
+    files = [event_file(d, name) for d in sorted(set(kept["date"].to_list()))]
+    files += [batch_quarantine_file(b) for b in q_batches]
+    total.files.extend(files)
+    total.touched = merge_touched(total.touched, touched_by(kept, billing))
+    state.write_pending(storage, state.Pending(run_id=run_id, files=total.files, touched=total.touched))
+    write_events(storage, kept, name)
     for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
-    reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
-    return IngestResult(
-        batches=len(batches),
-        unchanged=unchanged,
-        records=records,
-        valid=new.height,
-        duplicates=dups.height,
-        stored=kept.height,
-        quarantined=dict(sorted(reasons.items())),
-        touched=pending_touched,
-        manifest_rows=[{**r, "run_id": run_id} for r in rows],
-        files=files,
-    )
+    reasons.update(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
+    total.unchanged += unchanged
+    total.records += new.height + quarantine.height - dups.height
+    total.valid += new.height
+    total.duplicates += dups.height
+    total.stored += kept.height
+    return rows
 
 
 def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
