@@ -24,7 +24,7 @@ from transforms.dedupe import dedupe
 from transforms.extract import extract, extract_paths
 from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
-from transforms.tables import exclusions, hourly_table, period_table
+from transforms.tables import exclusions, hourly_table, period_from_partials, period_partials
 from transforms.validate import validate
 from transforms.windows import period_dates
 from transforms.windows import period_table as periods_for_dates
@@ -318,7 +318,10 @@ def recompute_type(
 ) -> dict[str, dict[str, int]]:
     """Rebuild the hourly partitions (UTC `dates`) and billing periods (holding `local_dates`) of meters.
 
-    Reads the event type once from events/ and derives every meter of that type from it.
+    Works one UTC day of events at a time: each day's events of the type are read once, every JSONPath
+    of the type's meters is extracted once, the day's hourly table is written, and the billing periods
+    gather exact partial states (sum and count, min, max, latest row, distinct values) per group. Memory
+    follows one day of one event type plus the period's groups, not the history.
     """
     periods = _period_bounds(billing, local_dates)
     period_starts = sorted(set(periods["period_start"].to_list()))
@@ -326,37 +329,56 @@ def recompute_type(
     if not periods.is_empty():
         needed |= set(_utc_dates(periods["window_start"].min(), periods["window_end"].max()))
     by_date = event_files_by_date(storage)
-    files = [p for d in sorted(needed) for p in by_date.get(d, [])]
-    if files:
-        events = (
-            storage.scan_parquet(files)
-            .filter(pl.col("type") == event_type)
-            .select("id", "source", "subject", "time", "data", "file", "line", "batch", "date")
-            .collect()
-        )
-    else:
-        events = empty(EVENT).select("id", "source", "subject", "time", "data", "file", "line", "batch", "date")
-    summary: dict[str, dict[str, int]] = {}
-    in_dates = pl.col("date").is_in(sorted(dates))
-    paths = extract_paths(events.lazy(), meters).collect()  # every JSONPath of the type, once
     existing = _existing_partitions(storage, meters)
+    hourly_dates = set(dates)
+    partials: dict[str, list[pl.DataFrame]] = {m.slug: [] for m in meters}
+    counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
+    for day in sorted(needed):
+        files = by_date.get(day, [])
+        events = _day_events(storage, files, event_type, meters)
+        for meter in meters:
+            extracted = extract(events.lazy(), meter).collect().lazy()
+            if day in hourly_dates:
+                hourly = hourly_table(extracted, meter).collect()
+                _publish(storage, hourly, "date", [day], partial(hourly_file, meter.slug), existing)
+                excluded = exclusions(extracted, meter).collect()
+                _publish(
+                    storage, excluded, "date", [day], partial(meter_quarantine_file, meter.slug), existing, sort=False
+                )
+                counts[meter.slug]["hourly_rows"] += hourly.height
+                counts[meter.slug]["excluded"] += excluded.height
+            if not periods.is_empty() and not events.is_empty():
+                partials[meter.slug].append(period_partials(extracted, meter, billing, periods).collect())
+    summary: dict[str, dict[str, int]] = {}
     for meter in meters:
-        extracted = extract(paths.lazy(), meter).collect().lazy()  # extract once, aggregate twice
-        hourly = hourly_table(extracted.filter(in_dates), meter).collect()
-        _publish(storage, hourly, "date", dates, partial(hourly_file, meter.slug), existing)
-        period = period_table(extracted, meter, billing, periods).collect()
-        written_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
-        excluded = exclusions(extracted.filter(in_dates), meter).collect()
-        _publish(storage, excluded, "date", dates, partial(meter_quarantine_file, meter.slug), existing, sort=False)
+        parts = partials[meter.slug]
+        period = (
+            period_from_partials(pl.concat(parts).lazy(), meter, billing).collect()
+            if parts
+            else pl.DataFrame(schema={"period_start": pl.String})
+        )
+        written = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
         summary[meter.slug] = {
             "hourly_partitions": len(dates),
             "periods": len(period_starts),
-            "hourly_rows": hourly.height,
-            "period_rows": written_p,
-            "excluded": excluded.height,
-            "latest_period": max(period_starts) if written_p else None,
+            "hourly_rows": counts[meter.slug]["hourly_rows"],
+            "period_rows": written,
+            "excluded": counts[meter.slug]["excluded"],
+            "latest_period": max(period_starts) if written else None,
         }
     return summary
+
+
+DAY_COLUMNS = ["id", "source", "subject", "time", "data", "file", "line", "batch", "date"]
+
+
+def _day_events(storage: Storage, files: list[str], event_type: str, meters: list[Meter]) -> pl.DataFrame:
+    """One day's events of a type with every JSONPath of its meters extracted once."""
+    if files:
+        scan = storage.scan_parquet(files).filter(pl.col("type") == event_type).select(DAY_COLUMNS)
+    else:
+        scan = empty(EVENT).lazy().select(DAY_COLUMNS)
+    return extract_paths(scan, meters).collect()
 
 
 def _existing_partitions(storage: Storage, meters: list[Meter]) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from meters import Billing, Meter
-from transforms.aggregate import aggregate
+from transforms.aggregate import aggregate, combine_partials, partial_aggregate
 from transforms.extract import EXCLUSION_MESSAGES
 from transforms.schema import QUARANTINE
 from transforms.windows import hour_start, local_date
@@ -26,6 +26,22 @@ def period_table(extracted: pl.LazyFrame, meter: Meter, billing: Billing, period
     )
     start_local = pl.col("window_start").dt.convert_time_zone(billing.timezone)
     return aggregate(windowed, meter).with_columns(period_start=start_local.dt.strftime("%Y-%m-%d"))
+
+
+def _period_windows(extracted: pl.LazyFrame, billing: Billing, periods: pl.DataFrame) -> pl.LazyFrame:
+    return extracted.with_columns(local_date=local_date(pl.col("time"), billing.timezone)).join(
+        periods.lazy().select("local_date", "window_start", "window_end"), on="local_date", how="inner"
+    )
+
+
+def period_partials(extracted: pl.LazyFrame, meter: Meter, billing: Billing, periods: pl.DataFrame) -> pl.LazyFrame:
+    """Partial period states of some events (e.g. one day); combine them with `period_from_partials`."""
+    return partial_aggregate(_period_windows(extracted, billing, periods), meter)
+
+
+def period_from_partials(partials: pl.LazyFrame, meter: Meter, billing: Billing) -> pl.LazyFrame:
+    start_local = pl.col("window_start").dt.convert_time_zone(billing.timezone)
+    return combine_partials(partials, meter).with_columns(period_start=start_local.dt.strftime("%Y-%m-%d"))
 
 
 def exclusions(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
