@@ -56,7 +56,12 @@ def read_manifest(storage: Storage) -> pl.DataFrame:
 
 
 def committed_runs(storage: Storage) -> set[str]:
-    return set(read_manifest(storage)["run_id"].to_list())
+    # Not read_manifest(): its de-duplication drops the rows of a run (a re-ingest) that re-records batches
+    # already in the manifest, and that run would then look uncommitted and be rolled back after a crash.
+    files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
+    if not files:
+        return set()
+    return set(storage.scan_parquet(files).select("run_id").collect()["run_id"].to_list())
 
 
 def commit_manifest(storage: Storage, run_id: str, rows: list[dict]) -> None:

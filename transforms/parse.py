@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ _MAYBE_NOT_STRING = r"^(?s:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|
 STRING_ATTRS = ("id", "source", "type", "subject")
 
 MALFORMED = {"line": pl.Int64, "raw": pl.String, "message": pl.String}
+
+# Polars writes a nested `data` object back as text escaping only `"`, \n and \r: a backslash, tab or other
+# control character comes out raw ({"p": "C:\\x"} becomes {"p": "C:\x"}), so the text is not JSON, or is other
+# JSON, and every value of that event is lost. Lines whose source holds such an escape are re-encoded.
+_UNSAFE_ESCAPE = re.compile(rb"\\(?:[\\tbf]|u00[01][0-9a-fA-F])")
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ def parse_jsonl(raw: bytes) -> Parsed:
             return _parse_jsonl_by_line(raw)
         lines = pl.Series(numbers, dtype=pl.Int64)
     records = records.with_columns(line=lines)
-    return Parsed(_check_string_types(records, raw), empty(MALFORMED), None, "jsonl", raw)
+    return Parsed(_repair_data(_check_string_types(records, raw), raw), empty(MALFORMED), None, "jsonl", raw)
 
 
 def _parse_jsonl_by_line(raw: bytes) -> Parsed:
@@ -108,7 +114,7 @@ def _parse_jsonl_by_line(raw: bytes) -> Parsed:
         return _unreadable(f"unreadable JSONL: {str(exc).splitlines()[0][:200]}", "jsonl")
     records = records.with_columns(line=pl.Series(good_lines, dtype=pl.Int64))
     malformed = pl.DataFrame(bad, schema=MALFORMED) if bad else empty(MALFORMED)
-    return Parsed(_check_string_types(records, raw), malformed, None, "jsonl", raw)
+    return Parsed(_repair_data(_check_string_types(records, raw), raw), malformed, None, "jsonl", raw)
 
 
 def _check_string_types(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
@@ -130,6 +136,30 @@ def _check_string_types(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
         pl.when(pl.col("line").is_in(numbers)).then(None).otherwise(pl.col(attr)).alias(attr)
         for attr, numbers in fixes.items()
         if numbers
+    )
+
+
+def _repair_data(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
+    """Re-encode `data` (orjson, compact) on lines whose text has an escape Polars would write back raw."""
+    if not _UNSAFE_ESCAPE.search(raw):
+        return records
+    all_lines = raw.split(b"\n")
+    fixed: dict[int, str] = {}
+    for number in records["line"].to_list():
+        line = all_lines[number - 1]
+        if not _UNSAFE_ESCAPE.search(line):
+            continue
+        try:
+            data = orjson.loads(line).get("data")
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            fixed[number] = orjson.dumps(data).decode()
+    if not fixed:
+        return records
+    repaired = pl.col("line").replace_strict(fixed, default=None, return_dtype=pl.String)
+    return records.with_columns(
+        data=pl.when(pl.col("line").is_in(list(fixed))).then(repaired).otherwise(pl.col("data"))
     )
 
 

@@ -1,0 +1,357 @@
+"""End-to-end behaviours of one run (SPEC §1, §2, §4, §5), with expectations computed by hand."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+from support import event, jsonl, land, local_root, parquet_bytes, table
+
+from flows import pipeline
+from flows.storage import Storage
+from meters import parse_meters
+
+METERS = parse_meters(
+    """
+billing: {period: MONTH, timezone: Europe/Berlin}
+meters:
+  - slug: tokens_total
+    eventType: prompt
+    aggregation: SUM
+    valueProperty: $.tokens
+    groupBy: {model: $.model, region: $.region}
+  - slug: prompts
+    eventType: prompt
+    aggregation: COUNT
+"""
+)
+UTC = dt.UTC
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync only matters for power loss, which no test here simulates."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+def quiet_run(storage: Storage) -> dict:
+    return pipeline.run(storage, METERS, log=lambda _: None)
+
+
+def quarantine(storage: Storage) -> pl.DataFrame:
+    files = [f.path for f in storage.list_files("quarantine", (".parquet",))]
+    return storage.scan_parquet(files).collect() if files else pl.DataFrame()
+
+
+def events(storage: Storage) -> pl.DataFrame:
+    files = [f.path for f in storage.list_files("events", (".parquet",))]
+    return storage.scan_parquet(files).collect() if files else pl.DataFrame()
+
+
+def values(df: pl.DataFrame, *keys: str) -> dict:
+    """{(key values...): value} of a table, so assertions ignore row order."""
+    return {tuple(r[k] for k in keys): r["value"] for r in df.iter_rows(named=True)}
+
+
+def all_files(storage: Storage) -> dict[str, bytes]:
+    base = Path(storage.root)
+    return {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*") if p.is_file()}
+
+
+# --- idempotence ------------------------------------------------------------------------------------------------
+def test_a_second_run_with_nothing_new_changes_nothing(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl([event(str(i), f"2024-01-31T2{i}:30:00Z", data={"tokens": i}) for i in range(4)]))
+    land(storage, "b.jsonl", jsonl([event("9", "2024-02-01T00:00:00+02:00", data={"tokens": 9}), "bad line"]))
+    quiet_run(storage)
+    before = all_files(storage)
+    summary = quiet_run(storage)
+    assert summary["batches"] == 0 and summary["events_read"] == 0
+    after = all_files(storage)
+    new = set(after) - set(before)
+    assert len(new) == 1 and next(iter(new)).startswith("_state/runs/"), f"unexpected new files {new}"
+    assert set(before) - set(after) == set(), "a run with nothing new deleted files"
+    changed = [k for k in before if before[k] != after[k]]
+    assert changed == [], f"a run with nothing new rewrote {changed}"
+
+    # a touched file (new mtime, same bytes) is recognised as already processed: outputs stay byte-identical
+    land(storage, "a.jsonl", (tmp_path / "root/landing/a.jsonl").read_bytes(), mtime=2_000_000_000)
+    summary = quiet_run(storage)
+    assert summary["batches_unchanged"] == 1 and summary["events_stored"] == 0
+    touched = all_files(storage)
+    for prefix in ("usage/", "events/", "quarantine/"):
+        assert {k: v for k, v in touched.items() if k.startswith(prefix)} == {
+            k: v for k, v in before.items() if k.startswith(prefix)
+        }
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+def test_a_malformed_line_quarantines_only_that_line(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    lines = [
+        event("1", "2024-01-10T10:00:00Z", data={"tokens": 1}),
+        event("2", "2024-01-10T10:00:00Z", data={"tokens": 2}),
+        '{"id": "3", "source": "app", oops',  # line 3
+        event("4", "2024-01-10T10:00:00Z", data={"tokens": 4}),
+        "",  # line 5: blank, ignored
+        "[1, 2, 3]",  # line 6: JSON, but not an object
+        event("7", "2024-01-10T10:00:00Z", data={"tokens": 7}),
+    ]
+    land(storage, "x/b.jsonl", jsonl(lines))
+    summary = quiet_run(storage)
+    assert summary["quarantined"] == {"malformed_json": 2}
+    q = quarantine(storage).filter(pl.col("reason") == "malformed_json").sort("line")
+    assert q["line"].to_list() == [3, 6]
+    assert q["raw"].to_list() == ['{"id": "3", "source": "app", oops', "[1, 2, 3]"]
+    assert q["file"].to_list() == ["landing/x/b.jsonl"] * 2
+    assert sorted(events(storage)["id"].to_list()) == ["1", "2", "4", "7"]
+    assert table(storage, "tokens_total")["value"].to_list() == [14.0]
+
+
+def test_unreadable_files_are_quarantined_whole_and_the_run_goes_on(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    good = pl.DataFrame(
+        {"specversion": ["1.0"], "id": ["p1"], "source": ["app"], "type": ["prompt"], "subject": ["c"],
+         "time": ["2024-01-10T10:00:00Z"], "data": ['{"tokens": 5}']}
+    )  # fmt: skip
+    raw = parquet_bytes(good)
+    land(storage, "t/truncated.parquet", raw[: len(raw) // 2], mtime=1_700_000_000)
+    land(storage, "t/bad.jsonl.gz", b"\x1f\x8b\x08\x00garbage", mtime=1_700_000_010)
+    land(storage, "t/ok.jsonl", jsonl([event("j1", "2024-01-10T11:00:00Z", data={"tokens": 3})]), mtime=1_700_000_020)
+    land(storage, "t/ok.parquet", raw, mtime=1_700_000_030)
+    summary = quiet_run(storage)
+    q = quarantine(storage).sort("file")
+    assert q.select("stage", "reason", "file").rows() == [
+        ("file", "unreadable_file", "landing/t/bad.jsonl.gz"),
+        ("file", "unreadable_file", "landing/t/truncated.parquet"),
+    ]
+    assert all(q["message"].str.len_chars() > 0)
+    assert summary["events_stored"] == 2
+    assert values(table(storage, "tokens_total"), "subject") == {("c",): 5.0, ("customer-1",): 3.0}
+    # quarantined files are recorded as processed: the next run does not retry them forever
+    assert quiet_run(storage)["batches"] == 0
+
+
+def test_a_key_first_seen_after_ten_thousand_events_is_extracted(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    base = "2024-01-10T10:{:02d}:00Z"
+    first = [event(f"n{i}", base.format(i % 60)) for i in range(10_000)]  # data: null
+    first += [event(f"d{i}", base.format(i % 60), data={"tokens": 1}) for i in range(10_000)]  # no model/region
+    late = event("late", "2024-01-10T10:30:00Z", data={"tokens": 5, "model": "m", "region": "eu"}, dataschema="x")
+    land(storage, "big.jsonl", jsonl([*first, late]))
+    quiet_run(storage)
+    got = values(table(storage, "tokens_total", "hourly"), "model", "region")
+    assert got == {(None, None): 10_000.0, ("m", "eu"): 5.0}
+    assert table(storage, "prompts", "hourly")["value"].to_list() == [20_001.0]
+
+
+def test_parquet_data_as_struct_and_as_string_in_one_run(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    envelope = {"specversion": "1.0", "source": "pq", "type": "prompt", "subject": "c"}
+    struct_df = pl.DataFrame(
+        [
+            {**envelope, "id": "s1", "time": dt.datetime(2024, 1, 10, 10, tzinfo=UTC), "data": {"tokens": 4, "model": "a"}},
+            {**envelope, "id": "s2", "time": dt.datetime(2024, 1, 10, 11, tzinfo=UTC), "data": {"tokens": 6, "model": None}},
+            {**envelope, "id": "s3", "time": dt.datetime(2024, 1, 10, 12, tzinfo=UTC), "data": None},
+        ],
+        schema={**dict.fromkeys(envelope, pl.String), "id": pl.String, "time": pl.Datetime("ns", "UTC"),
+                "data": pl.Struct({"tokens": pl.Int64, "model": pl.String})},
+    )  # fmt: skip
+    string_df = pl.DataFrame(
+        [
+            {**envelope, "id": "t1", "time": "2024-01-10T10:00:00+01:00", "data": '{"tokens": "10", "model": "a"}'},
+            {**envelope, "id": "t2", "time": "2024-01-10T10:00:00Z", "data": '{"tokens": 1.5, "region": "eu"}'},
+            {**envelope, "id": "t3", "time": "2024-01-10T10:00:00Z", "data": "null"},
+        ]
+    )
+    land(storage, "p/struct.parquet", parquet_bytes(struct_df))
+    land(storage, "p/string.parquet", parquet_bytes(string_df))
+    summary = quiet_run(storage)
+    assert summary["events_stored"] == 6 and summary["quarantined"] == {}
+    assert values(table(storage, "tokens_total"), "model", "region") == {
+        ("a", None): 14.0,
+        (None, None): 6.0,
+        (None, "eu"): 1.5,
+    }
+    assert table(storage, "prompts")["value"].to_list() == [6.0]
+    hourly = values(table(storage, "tokens_total", "hourly"), "window_start", "model")
+    assert hourly[(dt.datetime(2024, 1, 10, 9, tzinfo=UTC), "a")] == 10.0  # 10:00+01:00 is 09:00 UTC
+    assert hourly[(dt.datetime(2024, 1, 10, 10, tzinfo=UTC), "a")] == 4.0
+
+
+# --- readers ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Storage:
+    """Two billing periods and three UTC dates, with null group values."""
+    storage = local_root(tmp_path_factory.mktemp("readers"))
+    land(
+        storage,
+        "r.jsonl",
+        jsonl(
+            [
+                event("1", "2024-01-15T10:00:00Z", data={"tokens": 1, "model": "a"}),
+                event("2", "2024-01-31T23:30:00Z", data={"tokens": 2, "model": "a"}),  # Feb 1 in Berlin
+                event("3", "2024-02-02T10:00:00Z", data={"tokens": 4}),
+                event("4", "2024-02-02T10:00:00Z", subject="other", data={"tokens": 8, "region": "eu"}),
+            ]
+        ),
+    )
+    quiet_run(storage)
+    return storage
+
+
+EXPECTED_PERIOD = {
+    ("customer-1", "a", None, dt.datetime(2023, 12, 31, 23, tzinfo=UTC)): 1.0,
+    ("customer-1", "a", None, dt.datetime(2024, 1, 31, 23, tzinfo=UTC)): 2.0,
+    ("customer-1", None, None, dt.datetime(2024, 1, 31, 23, tzinfo=UTC)): 4.0,
+    ("other", None, "eu", dt.datetime(2024, 1, 31, 23, tzinfo=UTC)): 8.0,
+}
+EXPECTED_HOURLY_ROWS = 4
+
+
+def _as_utc(value: object) -> dt.datetime:
+    assert isinstance(value, dt.datetime) and value.tzinfo is not None, f"{value!r} is not a zoned timestamp"
+    return value.astimezone(UTC)
+
+
+def _check_rows(rows: list[dict], kind: str) -> None:
+    if kind == "period":
+        got = {(r["subject"], r["model"], r["region"], _as_utc(r["window_start"])): r["value"] for r in rows}
+        assert got == EXPECTED_PERIOD
+    else:
+        assert len(rows) == EXPECTED_HOURLY_ROWS
+        assert sum(r["value"] for r in rows) == 15.0
+
+
+@pytest.mark.parametrize("kind", ["period", "hourly"])
+def test_tables_readable_by_polars_duckdb_and_pyarrow(published: Storage, kind: str) -> None:
+    folder = f"{published.root}/usage/tokens_total/{kind}"
+    lf = pl.scan_parquet(f"{folder}/**/*.parquet")
+    df = lf.collect()
+    assert df.schema["subject"] == pl.String and df.schema["window_start"] == pl.Datetime("us", "UTC")
+    assert df.schema["value"] == pl.Float64
+    _check_rows(df.to_dicts(), kind)
+
+    rel = duckdb.read_parquet(f"{folder}/**/*.parquet", hive_partitioning=True)
+    columns = rel.columns
+    _check_rows([dict(zip(columns, row, strict=True)) for row in rel.fetchall()], kind)
+
+    table_ = pads.dataset(folder, format="parquet", partitioning="hive").to_table()
+    assert pa.types.is_timestamp(table_.schema.field("window_start").type)
+    _check_rows(table_.to_pylist(), kind)
+
+
+def test_no_temporary_or_hidden_files_in_published_prefixes(published: Storage) -> None:
+    for path in Path(published.root, "usage").rglob("*"):
+        if path.is_file():
+            assert path.suffix == ".parquet" and not path.name.startswith((".", "_")), path
+
+
+# --- meters and quarantine ---------------------------------------------------------------------------------------
+def test_an_invalid_value_excludes_the_event_from_that_meter_only(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    land(
+        storage,
+        "v.jsonl",
+        jsonl(
+            [
+                event("ok", "2024-01-10T10:00:00Z", data={"tokens": "12.5"}),
+                event("bad", "2024-01-10T10:00:00Z", data={"tokens": "twelve"}),
+                event("nan", "2024-01-10T10:00:00Z", data={"tokens": "NaN"}),
+                event("null", "2024-01-10T10:00:00Z", data={"tokens": None}),
+                event("none", "2024-01-10T10:00:00Z", data={"model": "a"}),
+                event("nodata", "2024-01-10T10:00:00Z"),
+                event("other-type", "2024-01-10T10:00:00Z", type="nometer", data={"tokens": 1}),
+            ]
+        ),
+    )
+    quiet_run(storage)
+    assert table(storage, "tokens_total")["value"].to_list() == [12.5]
+    assert table(storage, "prompts")["value"].to_list() == [6.0]  # every prompt event counts
+    q = quarantine(storage).filter(pl.col("stage") == "meter").sort("event_id")
+    assert q.select("event_id", "meter", "reason").rows() == [
+        ("bad", "tokens_total", "bad_value"),
+        ("nan", "tokens_total", "bad_value"),
+        ("nodata", "tokens_total", "missing_value"),
+        ("none", "tokens_total", "missing_value"),
+        ("null", "tokens_total", "missing_value"),
+    ]
+    assert q.filter(pl.col("event_id") == "bad")["line"].to_list() == [2]
+    assert "nometer" in events(storage)["type"].to_list()  # kept, moves no meter
+
+
+def test_quarantine_rows_carry_reason_message_file_line_event_id_and_raw(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    no_subject = event("e2", "2024-01-10T10:00:00Z", data={"tokens": 1})
+    del no_subject["subject"]
+    lines = [
+        event("e1", "2024-01-10T10:00:00Z", data={"tokens": 1}),
+        no_subject,
+        event("e3", "2024-01-10", data={"tokens": 1}),
+        event("e1", "2024-01-10T11:00:00Z", data={"tokens": 99}),  # a duplicate of line 1 (same UTC date)
+        "{nope",
+    ]
+    land(storage, "q/b.jsonl", jsonl(lines))
+    pq_rows = pl.DataFrame(
+        {"specversion": ["1.0"], "id": ["p1"], "source": ["app"], "type": ["prompt"], "subject": [None],
+         "time": ["2024-01-10T10:00:00Z"], "data": ['{"tokens": 1}']},
+        schema_overrides={"subject": pl.String},
+    )  # fmt: skip
+    land(storage, "q/p.parquet", parquet_bytes(pq_rows))
+    quiet_run(storage)
+    q = quarantine(storage)
+    for column in ("stage", "reason", "message", "file", "line", "event_id", "raw"):
+        assert column in q.columns
+    by_reason = {r["reason"]: r for r in q.filter(pl.col("file") == "landing/q/b.jsonl").iter_rows(named=True)}
+    text = jsonl(lines).decode().splitlines()
+
+    row = by_reason["missing_subject"]
+    assert row["file"] == "landing/q/b.jsonl" and row["line"] == 2 and row["event_id"] == "e2"
+    assert row["raw"] == text[1] and row["message"]
+    row = by_reason["bad_time"]
+    assert (row["line"], row["event_id"], row["raw"]) == (3, "e3", text[2]) and row["message"]
+    row = by_reason["malformed_json"]
+    assert (row["line"], row["event_id"], row["raw"]) == (5, None, "{nope") and row["message"]
+    row = by_reason["duplicate"]
+    assert (row["line"], row["event_id"], row["file"]) == (4, "e1", "landing/q/b.jsonl")
+    assert json.loads(row["raw"])["id"] == "e1" and "99" in row["raw"]  # the dropped copy, not the kept one
+    pq_row = q.filter(pl.col("file") == "landing/q/p.parquet").row(0, named=True)
+    assert (pq_row["reason"], pq_row["line"], pq_row["event_id"]) == ("missing_subject", 1, "p1")
+    assert json.loads(pq_row["raw"])["id"] == "p1"
+    assert table(storage, "tokens_total")["value"].to_list() == [1.0]  # e1's first copy only
+
+
+def test_gzip_and_ndjson_batches(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    land(storage, "g/a.jsonl.gz", gzip.compress(jsonl([event("g1", "2024-01-10T10:00:00Z", data={"tokens": 2})])))
+    land(storage, "g/b.ndjson", jsonl([event("n1", "2024-01-10T10:00:00Z", data={"tokens": 3})]))
+    land(storage, "g/ignored.txt", b"not a batch")
+    quiet_run(storage)
+    assert table(storage, "tokens_total")["value"].to_list() == [5.0]
+
+
+def test_escaped_characters_in_data_do_not_hide_its_values(tmp_path: Path) -> None:
+    """A backslash, tab or control character anywhere in `data` (a Windows path, say) leaves the JSON readable."""
+    storage = local_root(tmp_path)
+    notes = ["C:\\Users\\x", "tab\there", "bell\u0007", "back\\nslash-n", 'q"uote', "plain"]
+    land(
+        storage,
+        "e.jsonl",
+        jsonl(
+            [
+                event(f"e{i}", "2024-01-10T10:00:00Z", data={"tokens": i + 1, "note": note, "model": note})
+                for i, note in enumerate(notes)
+            ]
+        ),
+    )
+    summary = quiet_run(storage)
+    assert summary["excluded_by_meter"] == {}
+    assert values(table(storage, "tokens_total"), "model") == {(note,): float(i + 1) for i, note in enumerate(notes)}
