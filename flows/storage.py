@@ -246,6 +246,11 @@ class Storage:
                 kind, detail = _classify(exc) if self.is_s3 else _classify_local(exc)
                 if kind == "no_bucket":
                     raise StorageError(f"bucket {self.bucket!r} does not exist (root {self.root})") from exc
+                if kind == "no_credentials":
+                    raise StorageError(
+                        f"no usable S3 credentials for {self.root} ({detail}); set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+                    ) from exc
                 if kind == "credentials":
                     raise StorageError(
                         f"S3 rejected the credentials for {self.root} ({detail}); check AWS_ACCESS_KEY_ID and "
@@ -370,6 +375,8 @@ class Storage:
 
     def read_bytes(self, rel: str) -> bytes:
         """The whole object, in one GET on S3: always one consistent version of it."""
+        if self.is_s3:  # max_concurrency=1: one plain GET (no HEAD first, no parallel ranged GETs)
+            return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel), max_concurrency=1))
         return self._call("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def read_json(self, rel: str) -> Any:
@@ -439,6 +446,8 @@ class Storage:
                 return True
             except FileExistsError:
                 return False
+            except OSError:  # a filesystem without hard links: exclusive open, then write
+                return self._create_exclusive_open(rel, data)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -451,12 +460,27 @@ class Storage:
                 return self.read_bytes(rel) == data
             return False
         except OSError as exc:
-            if _classify(exc)[0] != "unsupported":
+            kind = _classify(exc)[0]
+            if kind == "conflict":  # another writer's conditional PUT on the same key is in flight
+                return False
+            if kind != "unsupported":
                 raise
             if self.exists(rel):
                 return False
             self.write_bytes(rel, data)
             return True
+
+    def _create_exclusive_open(self, rel: str, data: bytes) -> bool:
+        target = self.path(rel)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
 
     def delete(self, rels: list[str]) -> None:
         """Delete files; missing ones are fine (deletes are retried after crashes)."""
@@ -503,6 +527,7 @@ _CREDENTIAL_CODES = {
     "InvalidClientTokenId",
     "RequestTimeTooSkewed",
 }
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"}
 _TRANSIENT_CODES = {
     "InternalError",
@@ -550,8 +575,11 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
-    """(kind, short description) of an S3 failure; kinds: no_bucket, credentials, denied, transient,
-    unsupported, other. The description holds the S3 error code and message, never request secrets."""
+    """(kind, short description) of an S3 failure.
+
+    Kinds: no_bucket, no_credentials, credentials, denied, transient, conflict, unsupported, other. The
+    description holds the S3 error code and message, never request secrets.
+    """
     for e in _chain(exc):
         response = getattr(e, "response", None)
         if isinstance(response, dict) and isinstance(response.get("Error"), dict):
@@ -563,6 +591,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
                 return "no_bucket", detail
             if code in _CREDENTIAL_CODES:
                 return "credentials", detail
+            if code == "ConditionalRequestConflict":
+                return "conflict", detail
             if code in ("NotImplemented", "501") or status == 501:
                 return "unsupported", detail
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
@@ -570,8 +600,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             if code in _DENIED_CODES or status == 403:
                 return "denied", detail
             return "other", detail
-        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-            return "credentials", _one_line(str(e))
+        if type(e).__name__ in _CREDENTIAL_ERRORS:  # raised by botocore before any request is sent
+            return "no_credentials", _one_line(str(e))
     for e in _chain(exc):
         if isinstance(e, _transient_types()):
             return "transient", _one_line(f"{type(e).__name__}: {e}")

@@ -7,4 +7,4 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="meterlake-prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-pytest_plugins = ["fixtures_prefect"]
+pytest_plugins = ["fixtures_prefect", "fixtures_s3"]

@@ -1,0 +1,220 @@
+"""The storage layer on both roots: listing, reading, atomic writes, exclusive creates, deletes, settings.
+
+Tests taking `any_root` run twice: on a local folder and on S3 (moto on loopback, marked `s3`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from fixtures_s3 import FAKE_KEY, FAKE_SECRET
+from polars.testing import assert_frame_equal
+
+from flows.storage import TMP, RetryPolicy, S3Settings, Storage, StorageError
+
+
+def test_write_then_read_bytes_and_json(any_root: Storage) -> None:
+    any_root.write_bytes("a/b/c.bin", b"\x00\x01payload")
+    any_root.write_json("a/doc.json", {"x": [1, 2]})
+    assert any_root.read_bytes("a/b/c.bin") == b"\x00\x01payload"
+    assert any_root.read_json("a/doc.json") == {"x": [1, 2]}
+    any_root.write_bytes("a/b/c.bin", b"second")  # overwrite in place
+    assert any_root.read_bytes("a/b/c.bin") == b"second"
+    assert any_root.exists("a/b/c.bin")
+    assert not any_root.exists("a/b/missing.bin")
+    with pytest.raises(FileNotFoundError):
+        any_root.read_bytes("a/b/missing.bin")
+
+
+def test_list_files_recurses_filters_and_skips_hidden(any_root: Storage) -> None:
+    for rel, size in [
+        ("landing/2024/01/15/a.jsonl", 3),
+        ("landing/2024/01/15/b.parquet", 5),
+        ("landing/2024/01/16/c.jsonl.gz", 7),
+        ("landing/top.ndjson", 1),
+        ("landing/notes.txt", 2),
+        ("landing/.hidden.jsonl", 1),
+        ("landing/_partial.jsonl", 1),
+        ("landing/_temporary/0/part-0.jsonl", 1),  # Spark-style staging folder
+        ("landing/.staging/x.jsonl", 1),
+        ("landingzone/other.jsonl", 1),  # a sibling prefix, not under landing/
+    ]:
+        any_root.write_bytes(rel, b"x" * size)
+    files = any_root.list_files("landing", (".jsonl", ".ndjson", ".jsonl.gz", ".parquet"))
+    assert [f.path for f in files] == [
+        "landing/2024/01/15/a.jsonl",
+        "landing/2024/01/15/b.parquet",
+        "landing/2024/01/16/c.jsonl.gz",
+        "landing/top.ndjson",
+    ]
+    assert [f.size for f in files] == [3, 5, 7, 1]
+    assert all(f.mtime > 1.6e9 for f in files)
+    if any_root.is_s3:
+        assert all(len(f.etag) == 32 for f in files)  # MD5 of a single-PUT object
+    assert [f.path for f in any_root.list_files("landing")][-1] == "landing/top.ndjson"
+    assert any_root.list_files("nothing/here") == []
+
+
+def test_list_files_start_after_lists_only_later_paths(any_root: Storage) -> None:
+    paths = [f"landing/2024/{m:02d}/{d:02d}/batch-{i}.jsonl" for m in (1, 2) for d in (1, 15, 28) for i in (1, 2)]
+    paths += ["landing/2024/02/15b/x.jsonl", "landing/2024/02/1/x.jsonl", "landing/2025/x.jsonl", "landing/z.jsonl"]
+    for p in paths:
+        any_root.write_bytes(p, b"{}\n")
+    everything = [f.path for f in any_root.list_files("landing")]
+    assert everything == sorted(paths)
+    for cursor in ["landing/2024/01/15/batch-1.jsonl", "landing/2024/02/", "landing/2024/02/15", "landing/2024/1", ""]:
+        listed = [f.path for f in any_root.list_files("landing", start_after=cursor or None)]
+        assert listed == [p for p in everything if p > cursor], cursor
+
+
+def test_list_dirs_gives_partition_values(any_root: Storage) -> None:
+    for value in ("2024-01-01", "2024-02-01", "2023-12-01"):
+        any_root.write_bytes(f"usage/m/period/period_start={value}/data.parquet", b"x")
+    any_root.write_bytes("usage/m/period/_staging/x", b"x")
+    assert any_root.list_dirs("usage/m/period") == [
+        "period_start=2023-12-01",
+        "period_start=2024-01-01",
+        "period_start=2024-02-01",
+    ]
+    assert any_root.list_dirs("usage") == ["m"]
+    assert any_root.list_dirs("usage/none") == []
+
+
+def test_delete_is_idempotent_and_prunes_empty_folders(any_root: Storage) -> None:
+    any_root.write_bytes("usage/m/hourly/date=2024-01-01/data.parquet", b"x")
+    any_root.write_bytes("usage/m/hourly/date=2024-01-02/data.parquet", b"y")
+    any_root.delete(["usage/m/hourly/date=2024-01-01/data.parquet", "usage/m/hourly/date=2099-01-01/data.parquet"])
+    any_root.delete(["usage/m/hourly/date=2024-01-01/data.parquet"])
+    assert [f.path for f in any_root.list_files("usage")] == ["usage/m/hourly/date=2024-01-02/data.parquet"]
+    assert any_root.list_dirs("usage/m/hourly") == ["date=2024-01-02"]
+    if not any_root.is_s3:
+        assert not os.path.exists(any_root.path("usage/m/hourly/date=2024-01-01"))
+
+
+def test_writes_leave_no_temporary_files(any_root: Storage) -> None:
+    for i in range(5):
+        any_root.write_parquet(f"usage/m/period/period_start=2024-0{i + 1}-01/data.parquet", pl.DataFrame({"v": [i]}))
+    assert any_root.list_files(TMP) == []
+    names = {f.path.rsplit("/", 1)[-1] for f in any_root.list_files("usage")}
+    assert names == {"data.parquet"}
+
+
+def test_parquet_round_trip_with_plain_string_columns(any_root: Storage) -> None:
+    df = pl.DataFrame({"subject": ["a", "b", None], "value": [1.5, 2.0, 3.25]})
+    any_root.write_parquet("t/x.parquet", df, row_group_size=2)
+    assert_frame_equal(any_root.read_parquet(["t/x.parquet"]), df)
+    assert_frame_equal(any_root.scan_parquet(["t/x.parquet"]).collect(), df)
+    schema = pq.read_schema(io.BytesIO(any_root.read_bytes("t/x.parquet")))
+    assert str(schema.field("subject").type) == "string"  # not large_string: pyarrow hive readers merge cleanly
+    assert any_root.read_parquet([]).is_empty()
+
+
+def test_create_exclusive_once(any_root: Storage) -> None:
+    assert any_root.create_exclusive("_state/lock.json", b"first")
+    assert not any_root.create_exclusive("_state/lock.json", b"second")
+    assert any_root.read_bytes("_state/lock.json") == b"first"
+    any_root.delete(["_state/lock.json"])
+    assert any_root.create_exclusive("_state/lock.json", b"third")
+    assert any_root.list_files(TMP) == []
+
+
+def test_create_exclusive_has_one_winner_under_a_race(any_root: Storage) -> None:
+    results: dict[int, bool] = {}
+    barrier = threading.Barrier(5)
+
+    def contender(i: int) -> None:
+        storage = Storage(any_root.root, any_root.s3)  # each its own client, as separate processes would
+        barrier.wait()
+        results[i] = storage.create_exclusive("_state/lock.json", f"run-{i}".encode())
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1
+    assert any_root.read_bytes("_state/lock.json") == f"run-{winners[0]}".encode()
+
+
+def test_local_root_checks(tmp_path) -> None:
+    with pytest.raises(StorageError, match="does not exist"):
+        Storage(str(tmp_path / "missing")).check_root()
+    Storage(str(tmp_path / "made")).check_root(create=True)
+    assert (tmp_path / "made").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="not a folder"):
+        Storage(str(tmp_path / "file")).check_root()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
+def test_local_permission_denied_is_a_storage_error(tmp_path) -> None:
+    root = tmp_path / "root"
+    (root / "usage").mkdir(parents=True)
+    os.chmod(root / "usage", 0o500)
+    try:
+        with pytest.raises(StorageError, match="access denied"):
+            Storage(str(root)).write_bytes("usage/x/data.parquet", b"x")
+    finally:
+        os.chmod(root / "usage", 0o700)
+
+
+# --- settings and secrets ------------------------------------------------------------------------
+def test_settings_from_standard_aws_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    s = S3Settings.from_env()
+    assert (s.endpoint_url, s.region, s.key, s.secret) == ("http://127.0.0.1:9000", "eu-west-1", FAKE_KEY, FAKE_SECRET)
+    assert S3Settings.from_env(region="us-east-2", endpoint_url=None).region == "us-east-2"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:9000")  # the service-specific variable wins
+    assert S3Settings.from_env().endpoint_url == "http://s3-only:9000"
+
+
+def test_both_option_dialects_come_from_one_settings_object() -> None:
+    s = S3Settings(endpoint_url="http://127.0.0.1:9000", region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    assert s.s3fs_options() == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "key": FAKE_KEY,
+        "secret": FAKE_SECRET,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    assert s.polars_options() == {
+        "aws_endpoint_url": "http://127.0.0.1:9000",
+        "aws_allow_http": "true",
+        "aws_region": "us-east-1",
+        "aws_access_key_id": FAKE_KEY,
+        "aws_secret_access_key": FAKE_SECRET,
+    }
+    profile_only = S3Settings(profile="billing")
+    assert profile_only.s3fs_options() == {"profile": "billing"}
+    assert profile_only.polars_options() == {"aws_profile": "billing"}
+    storage = Storage("s3://bucket/prefix", s, retry=RetryPolicy(attempts=4, first_delay=0.1, max_delay=2.0))
+    assert storage.polars_options()["max_retries"] == 3
+    assert storage.fsspec_options() == s.s3fs_options()
+    assert Storage("data").polars_options() is None
+
+
+def test_secrets_never_in_reprs() -> None:
+    s = S3Settings(endpoint_url="http://e", region="r", key=FAKE_KEY, secret=FAKE_SECRET, token="SESSIONTOKEN123")
+    storage = Storage("s3://bucket/prefix", s)
+    for text in (repr(s), str(s), repr(storage), str(storage), f"{storage}", f"{s!r}"):
+        assert FAKE_SECRET not in text
+        assert "SESSIONTOKEN123" not in text
+        assert FAKE_KEY not in text
+    assert "endpoint_url='http://e'" in repr(storage)
+
+
+def test_retry_policy_backs_off_exponentially_with_a_cap() -> None:
+    policy = RetryPolicy(attempts=6, first_delay=0.1, max_delay=0.5)
+    for attempt, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (9, 0.5)]:
+        delays = [policy.delay(attempt) for _ in range(50)]
+        assert all(ceiling * 0.5 <= d <= ceiling for d in delays)
