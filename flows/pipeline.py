@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -100,11 +101,13 @@ def event_files_by_date(storage: Storage) -> dict[str, list[str]]:
 
 # --- finding and ingesting batches -------------------------------------------------------------------
 def find_new_batches(storage: Storage) -> list[FileInfo]:
-    """Landed files whose (path, size, mtime) the manifest has not seen, in landing order."""
+    """Landed files whose (path, size, mtime, etag) the manifest has not seen, in landing order."""
     manifest = state.read_manifest(storage)
-    seen = set(zip(manifest["path"].to_list(), manifest["size"].to_list(), manifest["mtime"].to_list(), strict=False))
+    columns = [manifest[c].to_list() for c in ("path", "size", "mtime", "etag")]
+    seen = set(zip(*columns, strict=True))
     files = storage.list_files(LANDING, BATCH_SUFFIXES)
-    return sorted((f for f in files if (f.path, f.size, f.mtime) not in seen), key=lambda f: (f.mtime, f.path))
+    # The ETag (S3) catches a same-size re-land within LastModified's one-second resolution.
+    return sorted((f for f in files if (f.path, f.size, f.mtime, f.etag) not in seen), key=lambda f: (f.mtime, f.path))
 
 
 def batch_id(path: str, content: bytes) -> str:
@@ -475,9 +478,17 @@ def run(
         summary = _summary(run_id, "run", result, meters_summary, started, fingerprints)
         state.write_run_record(storage, run_id, summary)
     finally:
-        state.release_lock(storage, run_id)
+        _release(storage, run_id)
     log(format_summary(summary))
     return summary
+
+
+def _release(storage: Storage, run_id: str) -> None:
+    """Release the lock without hiding the run's own error (storage may be the thing that failed)."""
+    try:
+        state.release_lock(storage, run_id)
+    except Exception as exc:  # noqa: BLE001 - the lock expires by itself; the original error matters more
+        logging.getLogger(__name__).warning("could not release the run lock (it expires by itself): %s", exc)
 
 
 def recompute_all(storage: Storage, meterset: MeterSet, touched: dict, runner: Runner = DIRECT) -> dict:
@@ -659,6 +670,6 @@ def backfill(
         out["range"] = [start.isoformat(), end.isoformat()]
         state.write_run_record(storage, run_id, out)
     finally:
-        state.release_lock(storage, run_id)
+        _release(storage, run_id)
     log(format_summary(out))
     return out

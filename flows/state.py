@@ -71,6 +71,7 @@ def commit_manifest(storage: Storage, run_id: str, rows: list[dict]) -> None:
         df = pl.DataFrame(
             [{"path": "", "size": 0, "mtime": 0.0, "etag": "", "batch": "", "run_id": run_id}], schema=MANIFEST_SCHEMA
         )
+    storage.sync()  # everything the run wrote is durable before the commit point is
     storage.write_parquet(f"{MANIFEST}/{run_id}.parquet", df)
     compact_manifest(storage)
 

@@ -587,7 +587,7 @@ def find_period(storage: Storage, slug: str, period: str) -> Period:
         raise ToolError(f"{period!r} matches several periods of {slug!r} ({', '.join(matches)}); give the first day")
     start = matches[0]
     file = pipeline.period_file(slug, start)
-    bounds = storage.scan_parquet([file]).select(pl.col("window_start").min(), pl.col("window_end").max()).collect()
+    bounds = storage.read_parquet([file]).select(pl.col("window_start").min(), pl.col("window_end").max())
     return Period(start, bounds["window_start"][0], bounds["window_end"][0], file)
 
 
@@ -609,7 +609,7 @@ def top_table(storage: str | Storage, slug: str, period: str, n: int = 10) -> li
     """
     storage = open_storage(storage)
     found = find_period(storage, slug, period)
-    df = storage.scan_parquet([found.file]).collect()
+    df = storage.read_parquet([found.file])  # one GET per file: safe while a run republishes it
     drop = {"window_start", "window_end", "period_start", "date"}
     columns = [c for c in df.columns if c not in drop]
     top = (
