@@ -6,10 +6,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from support import all_tables, event, jsonl, land, meterset, run
 
 from flows import pipeline
 from flows.storage import FileInfo, Storage
+
+from support import all_tables, event, jsonl, land, meterset, run
 
 METERS = """
 meters:

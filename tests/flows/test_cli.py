@@ -12,9 +12,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from support import event, jsonl, land, local_root, meterset, run
 
 from flows.cli import main
+
+from support import event, jsonl, land, local_root, meterset, run
 
 METERS_YAML = textwrap.dedent(
     """\

@@ -25,12 +25,13 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from reference import assert_tables_match
-from support import all_tables, event, jsonl, land, local_root
 
 from flows import pipeline, state
 from flows.storage import Storage
 from meters import parse_meters
+
+from reference import assert_tables_match
+from support import all_tables, event, jsonl, land, local_root
 
 REPO = Path(__file__).resolve().parents[2]
 

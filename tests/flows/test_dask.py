@@ -8,6 +8,7 @@ import pytest
 
 from flows import pipeline
 from flows.storage import Storage
+
 from support import all_tables, event, jsonl, land, meterset
 
 METERS = """

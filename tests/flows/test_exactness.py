@@ -20,12 +20,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from reference import Batch, assert_tables_match, compute
-from support import all_tables, land, local_root
 
 from flows import pipeline
 from flows.storage import Storage
 from meters import MeterSet, parse_meters
+
+from reference import Batch, assert_tables_match, compute
+from support import all_tables, land, local_root
 
 BILLING = "billing: {period: MONTH, timezone: Europe/Berlin, anchor_day: 15}\n"
 METERS = """

@@ -11,6 +11,7 @@ import yaml
 
 from flows import pipeline
 from flows.storage import Storage
+
 from support import event, jsonl, land, meterset, table
 
 METERS = """

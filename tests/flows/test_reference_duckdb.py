@@ -20,12 +20,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from reference import Batch, assert_tables_match, compute
-from support import land, local_root, parquet_bytes, table
 
 from flows import pipeline
 from flows.storage import Storage
 from meters import parse_meters
+
+from reference import Batch, assert_tables_match, compute
+from support import land, local_root, parquet_bytes, table
 
 NS = 1_000_000_000
 

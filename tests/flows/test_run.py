@@ -13,11 +13,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
-from support import event, jsonl, land, local_root, parquet_bytes, table
 
 from flows import pipeline
 from flows.storage import Storage
 from meters import parse_meters
+
+from support import event, jsonl, land, local_root, parquet_bytes, table
 
 METERS = parse_meters(
     """

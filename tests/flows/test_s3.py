@@ -24,14 +24,15 @@ import urllib.request
 
 import polars as pl
 import pytest
-from fixtures_s3 import FAKE_KEY, FAKE_SECRET, FaultProxy, s3_client
 from polars.testing import assert_frame_equal
-from support import all_tables, event, jsonl, land, local_root, meterset, parquet_bytes
 
 import flows.storage as storage_module
 from flows import pipeline
 from flows.cli import main
 from flows.storage import RetryPolicy, Storage, StorageError
+
+from fixtures_s3 import FAKE_KEY, FAKE_SECRET, FaultProxy, s3_client
+from support import all_tables, event, jsonl, land, local_root, meterset, parquet_bytes
 
 pytestmark = pytest.mark.s3
 

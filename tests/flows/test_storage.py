@@ -12,10 +12,11 @@ import threading
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from fixtures_s3 import FAKE_KEY, FAKE_SECRET
 from polars.testing import assert_frame_equal
 
 from flows.storage import TMP, RetryPolicy, S3Settings, Storage, StorageError
+
+from fixtures_s3 import FAKE_KEY, FAKE_SECRET
 
 
 def test_write_then_read_bytes_and_json(any_root: Storage) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from support import event, jsonl, land, local_root, meterset, parquet_bytes, run, table
 
 from flows import state, tools
 from flows.storage import Storage
 from transforms.query import QueryError
+
+from support import event, jsonl, land, local_root, meterset, parquet_bytes, run, table
 
 UTC = dt.UTC
 METERS_YAML = """
