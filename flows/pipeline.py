@@ -457,10 +457,15 @@ def run(
     runner: Runner = DIRECT,
     log: Callable[[str], None] = print,
     lock_ttl: int = LOCK_TTL,
+    now: dt.datetime | None = None,
 ) -> dict:
-    """One hourly run: ingest what is new, recompute what it touched, publish, commit."""
+    """One hourly run: ingest what is new, recompute what it touched, publish, commit.
+
+    What it processes is decided by the manifest, never by the clock; `now` (a flow passes its scheduled
+    start time) only names the run.
+    """
     started = time.perf_counter()
-    run_id = state.new_run_id()
+    run_id = state.new_run_id(now)
     storage.check_root(create=not storage.is_s3)
     state.acquire_lock(storage, run_id, lock_ttl)
     try:
@@ -470,12 +475,15 @@ def run(
         result: IngestResult = runner.step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
+        state.refresh_lock(storage, run_id, lock_ttl)
         meters_summary = recompute_all(storage, meterset, result.touched, runner)
+        state.refresh_lock(storage, run_id, lock_ttl)
         if result.manifest_rows or result.files:
             runner.step("commit", state.commit_manifest, storage, run_id, result.manifest_rows)
         fingerprints = update_fingerprints(storage, meterset, first_run=not had_events)
         state.clear_pending(storage, run_id)
         summary = _summary(run_id, "run", result, meters_summary, started, fingerprints)
+        summary["stale_periods"] = stale_periods(storage, fingerprints)
         state.write_run_record(storage, run_id, summary)
     finally:
         _release(storage, run_id)
@@ -520,6 +528,16 @@ def update_fingerprints(
     return {slug: ("ok" if stored.get(slug) == fp else "stale") for slug, fp in current.items()}
 
 
+def stale_periods(storage: Storage, fingerprints: dict[str, str]) -> dict[str, list[str]]:
+    """Published periods of meters whose definition changed since they were built: wrong until backfilled."""
+    out = {}
+    for slug, status in fingerprints.items():
+        if status == "stale":
+            parts = storage.list_dirs(f"usage/{slug}/period")
+            out[slug] = [p.split("=", 1)[1] for p in parts if p.startswith("period_start=")]
+    return out
+
+
 def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started: float, fps: dict) -> dict:
     stale = sorted(s for s, v in fps.items() if v == "stale")
     return {
@@ -543,6 +561,7 @@ def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started
         "excluded_by_meter": {s: m["excluded"] for s, m in meters.items() if m["excluded"]},
         "latest_periods": {s: m["latest_period"] for s, m in meters.items() if m.get("latest_period")},
         "stale_meters": stale,
+        "stale_periods": {},
     }
 
 
@@ -559,6 +578,10 @@ def format_summary(summary: dict) -> str:
     ]
     for slug, rows in summary["rows_written"].items():
         lines.append(f"    {slug}: {rows['period']} period rows, {rows['hourly']} hourly rows")
+    for slug, periods in summary.get("stale_periods", {}).items():
+        if periods:
+            shown = ", ".join(periods[:6]) + (f" and {len(periods) - 6} more" if len(periods) > 6 else "")
+            lines.append(f"  stale periods of {slug}: {shown}")
     if summary["stale_meters"]:
         lines.append(
             "  stale: " + ", ".join(summary["stale_meters"]) + " changed or were added after their history was"
@@ -667,6 +690,7 @@ def backfill(
         )
         state.clear_pending(storage, run_id)
         out = _summary(run_id, "backfill", result, summary, started, fps)
+        out["stale_periods"] = stale_periods(storage, fps)
         out["range"] = [start.isoformat(), end.isoformat()]
         state.write_run_record(storage, run_id, out)
     finally:

@@ -94,7 +94,7 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     scheduled = flow_run.scheduled_start_time
     logger.info("meterlake hourly run (scheduled for %s) on %s", scheduled, root)
     storage = Storage(root)
-    summary = pipeline.run(storage, load_meters_file(meters), runner=PREFECT, log=logger.info)
+    summary = pipeline.run(storage, load_meters_file(meters), runner=PREFECT, log=logger.info, now=scheduled)
     _artifacts(summary)
     _top_tables(storage, summary)
     return summary

@@ -43,7 +43,7 @@ class LockHeld(RuntimeError):
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.UTC)
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
