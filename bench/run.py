@@ -68,6 +68,7 @@ MB = 1024 * 1024
 SEED = 0
 TOLERANCE = 1e-6
 START = "2024-01-01"
+GENERATOR_DEFAULTS: dict[str, Any] = {"start": START, "days": 60, "subjects": 2000, "bad_fraction": 0.05}
 
 
 # --- small helpers ---------------------------------------------------------------------------------
@@ -231,7 +232,9 @@ class Dataset:
 
 def dataset(out: Path, fmt: str, n: int, files: int, seed: int = SEED, **options: Any) -> Dataset:
     """Generated batches under out/data/<parameters>/landing, reused while parameters and generator match."""
-    opts = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    # options equal to the generator's defaults are left out, so the same data is cached once
+    options = {k: v for k, v in options.items() if GENERATOR_DEFAULTS.get(k) != v}
+    opts = "".join(f"-{k}{re.sub(r'[^0-9A-Za-z.]', '', str(v))}" for k, v in sorted(options.items()))
     folder = out / "data" / f"{fmt}-n{n}-files{files}-seed{seed}{opts}-g{generator_hash()}"
     marker = folder / "summary.json"
     if marker.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +35,7 @@ LANDING = "landing"
 EVENTS = "events"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
+SLICE_BYTES = 512 * 2**20  # event files read at once when recomputing: bounds recompute memory
 CHUNK_BYTES = 256 * 2**20  # landed bytes parsed at once: bounds ingest memory
 
 
@@ -43,6 +45,8 @@ class Runner:
     `step` runs one named step; `fan` runs independent calls of one function (per event type), which a
     Prefect runner submits concurrently to its task runner (threads, or a Dask cluster).
     """
+
+    combine = True  # recompute all event types in one pass (one process: fewer scans of the same files)
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
@@ -86,8 +90,24 @@ def batch_quarantine_file(batch: str) -> str:
     return f"quarantine/records/{batch}.parquet"
 
 
-def meter_quarantine_file(slug: str, date: str) -> str:
-    return f"quarantine/meter/{slug}/{date}.parquet"
+def type_key(event_type: str) -> str:
+    """A file name for an event type: readable, path-safe, and distinct for distinct types."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", event_type)[:60]
+    return f"{safe}-{hashlib.sha256(event_type.encode()).hexdigest()[:8]}"
+
+
+def meter_quarantine_file(event_type: str, date: str) -> str:
+    """Values the meters of one event type excluded on one UTC date (column `meter` says which)."""
+    return f"quarantine/meter/date={date}/{type_key(event_type)}.parquet"
+
+
+def event_file_infos_by_date(storage: Storage) -> dict[str, list[FileInfo]]:
+    out: dict[str, list[FileInfo]] = {}
+    for f in storage.list_files(EVENTS, (".parquet",)):
+        part = f.path.split("/")[1]
+        if part.startswith("date="):
+            out.setdefault(part[5:], []).append(f)
+    return out
 
 
 def event_files_by_date(storage: Storage) -> dict[str, list[str]]:
@@ -311,9 +331,8 @@ def _utc_dates(start: dt.datetime, end: dt.datetime) -> list[str]:
     return out
 
 
-def recompute_type(
+def recompute_types(
     storage: Storage,
-    event_type: str,
     meters: list[Meter],
     billing: Billing,
     dates: list[str],
@@ -321,75 +340,102 @@ def recompute_type(
 ) -> dict[str, dict[str, int]]:
     """Rebuild the hourly partitions (UTC `dates`) and billing periods (holding `local_dates`) of meters.
 
-    Works one UTC day of events at a time: each day's events of the type are read once, every JSONPath
-    of the type's meters is extracted once, the day's hourly table is written, and the billing periods
-    gather exact partial states (sum and count, min, max, latest row, distinct values) per group. Memory
-    follows one day of one event type plus the period's groups, not the history.
+    The events of the needed UTC dates are read in slices of at most `SLICE_BYTES` of event files, one
+    scan per slice for all the meters' event types. Each slice yields its hourly rows and exact partial
+    period states per group (sum and count, min, max, the latest row, distinct values); the period
+    table combines the slices' partials. Memory follows one slice plus the period's groups.
     """
+    types = sorted({m.event_type for m in meters})
     periods = _period_bounds(billing, local_dates)
     period_starts = sorted(set(periods["period_start"].to_list()))
     needed = set(dates)
     if not periods.is_empty():
         needed |= set(_utc_dates(periods["window_start"].min(), periods["window_end"].max()))
-    by_date = event_files_by_date(storage)
-    existing = _existing_partitions(storage, meters)
-    hourly_dates = set(dates)
+    files = event_file_infos_by_date(storage)
+    existing = _existing_partitions(storage, meters, types)
+    in_dates = pl.col("date").is_in(sorted(dates))
+    hourly: dict[str, list[pl.DataFrame]] = {m.slug: [] for m in meters}
     partials: dict[str, list[pl.DataFrame]] = {m.slug: [] for m in meters}
-    counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
-    for day in sorted(needed):
-        files = by_date.get(day, [])
-        events = _day_events(storage, files, event_type, meters)
-        for meter in meters:
-            extracted = extract(events.lazy(), meter).collect().lazy()
-            if day in hourly_dates:
-                hourly = hourly_table(extracted, meter).collect()
-                _publish(storage, hourly, "date", [day], partial(hourly_file, meter.slug), existing)
-                excluded = exclusions(extracted, meter).collect()
-                _publish(
-                    storage, excluded, "date", [day], partial(meter_quarantine_file, meter.slug), existing, sort=False
-                )
-                counts[meter.slug]["hourly_rows"] += hourly.height
-                counts[meter.slug]["excluded"] += excluded.height
-            if not periods.is_empty() and not events.is_empty():
-                partials[meter.slug].append(period_partials(extracted, meter, billing, periods).collect())
+    excluded: dict[str, list[pl.DataFrame]] = {t: [] for t in types}
+    for slice_files in _slices([files.get(d, []) for d in sorted(needed)], SLICE_BYTES):
+        events = _slice_events(storage, slice_files, types)
+        by_type = events.partition_by("type", as_dict=True, include_key=False) if events.height else {}
+        for event_type in types:
+            part = by_type.get((event_type,))
+            if part is None:
+                continue
+            of_type = [m for m in meters if m.event_type == event_type]
+            paths = extract_paths(part.lazy(), of_type).collect()
+            for meter in of_type:
+                extracted = extract(paths.lazy(), meter).collect().lazy()
+                touched = extracted.filter(in_dates)
+                hourly[meter.slug].append(hourly_table(touched, meter).collect())
+                excluded[event_type].append(exclusions(touched, meter).collect())
+                if not periods.is_empty():
+                    partials[meter.slug].append(period_partials(extracted, meter, billing, periods).collect())
     summary: dict[str, dict[str, int]] = {}
     for meter in meters:
-        parts = partials[meter.slug]
-        period = (
-            period_from_partials(pl.concat(parts).lazy(), meter, billing).collect()
-            if parts
-            else pl.DataFrame(schema={"period_start": pl.String})
+        rows_h = _publish(
+            storage, _concat(hourly[meter.slug]), "date", dates, partial(hourly_file, meter.slug), existing
         )
-        written = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
+        parts = partials[meter.slug]
+        period = period_from_partials(pl.concat(parts).lazy(), meter, billing).collect() if parts else pl.DataFrame()
+        rows_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
         summary[meter.slug] = {
             "hourly_partitions": len(dates),
             "periods": len(period_starts),
-            "hourly_rows": counts[meter.slug]["hourly_rows"],
-            "period_rows": written,
-            "excluded": counts[meter.slug]["excluded"],
-            "latest_period": max(period_starts) if written else None,
+            "hourly_rows": rows_h,
+            "period_rows": rows_p,
+            "excluded": sum(df.filter(pl.col("meter") == meter.slug).height for df in excluded[meter.event_type]),
+            "latest_period": max(period_starts) if rows_p else None,
         }
+    for event_type in types:
+        path = partial(meter_quarantine_file, event_type)
+        _publish(storage, _concat(excluded[event_type]), "date", dates, path, existing, sort=False)
     return summary
 
 
-DAY_COLUMNS = ["id", "source", "subject", "time", "data", "file", "line", "batch", "date"]
+def recompute_type(
+    storage: Storage, event_type: str, meters: list[Meter], billing: Billing, dates: list[str], local_dates: list[str]
+) -> dict[str, dict[str, int]]:
+    """`recompute_types` for one event type: the unit of fan-out on a task runner."""
+    return recompute_types(storage, [m for m in meters if m.event_type == event_type], billing, dates, local_dates)
 
 
-def _day_events(storage: Storage, files: list[str], event_type: str, meters: list[Meter]) -> pl.DataFrame:
-    """One day's events of a type with every JSONPath of its meters extracted once."""
-    if files:
-        scan = storage.scan_parquet(files).filter(pl.col("type") == event_type).select(DAY_COLUMNS)
-    else:
-        scan = empty(EVENT).lazy().select(DAY_COLUMNS)
-    return extract_paths(scan, meters).collect()
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames) if frames else pl.DataFrame()
 
 
-def _existing_partitions(storage: Storage, meters: list[Meter]) -> set[str]:
+def _slices(days: list[list[FileInfo]], max_bytes: int) -> list[list[str]]:
+    """Consecutive days' event files grouped into slices of at most `max_bytes` (a day is never split)."""
+    out: list[list[str]] = []
+    size = 0
+    for day in days:
+        day_bytes = sum(f.size for f in day)
+        if not out or (out[-1] and size + day_bytes > max_bytes):
+            out.append([])
+            size = 0
+        out[-1].extend(f.path for f in day)
+        size += day_bytes
+    return [s for s in out if s]
+
+
+DAY_COLUMNS = ["id", "source", "type", "subject", "time", "data", "file", "line", "batch", "date"]
+
+
+def _slice_events(storage: Storage, files: list[str], types: list[str]) -> pl.DataFrame:
+    return storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS).collect()
+
+
+def _existing_partitions(storage: Storage, meters: list[Meter], types: list[str]) -> set[str]:
     """Partition files the meters have now, so empty partitions are deleted without blind delete calls."""
     found: set[str] = set()
     for meter in meters:
-        for prefix in (f"usage/{meter.slug}", f"quarantine/meter/{meter.slug}"):
-            found.update(f.path for f in storage.list_files(prefix, (".parquet",)))
+        found.update(f.path for f in storage.list_files(f"usage/{meter.slug}", (".parquet",)))
+    for f in storage.list_files("quarantine/meter", (".parquet",)):
+        if f.path.rsplit("/", 1)[-1].removesuffix(".parquet") in {type_key(t) for t in types}:
+            found.add(f.path)
     return found
 
 
@@ -507,6 +553,11 @@ def recompute_all(storage: Storage, meterset: MeterSet, touched: dict, runner: R
         if meters:
             calls.append((storage, event_type, meters, meterset.billing, parts["dates"], parts["local_dates"]))
     summary: dict[str, dict[str, int]] = {}
+    if runner.combine and len(calls) > 1:  # one process: one scan of each slice serves every type
+        dates = sorted({d for c in calls for d in c[4]})
+        local = sorted({d for c in calls for d in c[5]})
+        meters = [m for c in calls for m in c[2]]
+        return runner.step("recompute", recompute_types, storage, meters, meterset.billing, dates, local)
     for result in runner.fan("recompute", recompute_type, calls):
         summary.update(result)
     return summary

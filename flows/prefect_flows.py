@@ -30,6 +30,8 @@ class PrefectRunner(pipeline.Runner):
     """Each step a Prefect task with retries (every step is safe to repeat); fans are submitted
     concurrently to the flow's task runner: threads by default, a Dask cluster with `DaskTaskRunner`."""
 
+    combine = False  # event types are separate tasks, so they run concurrently (threads or Dask)
+
     @staticmethod
     def _task(name: str, fn: Any) -> Any:
         return task(fn, name=name, retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)

@@ -173,10 +173,9 @@ def _quarantine_frame(
     files: list[str] = []
     if meter is None and stage in (None, "file", "envelope", "dedupe"):
         files += [f.path for f in storage.list_files(f"{QUARANTINE_PREFIX}/records", (".parquet",))]
-    if stage in (None, "meter"):
-        prefix = f"{QUARANTINE_PREFIX}/meter/{meter}" if meter else f"{QUARANTINE_PREFIX}/meter"
-        for f in storage.list_files(prefix, (".parquet",)):
-            day = f.path.rsplit("/", 1)[-1].removesuffix(".parquet")
+    if stage in (None, "meter"):  # quarantine/meter/date=D/<event type>.parquet, column `meter`
+        for f in storage.list_files(f"{QUARANTINE_PREFIX}/meter", (".parquet",)):
+            day = f.path.split("/")[-2].removeprefix("date=")
             if since is None or day >= since:
                 files.append(f.path)
     if not files:
