@@ -293,10 +293,9 @@ def _ingest_chunk(
 
 def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
     """One file per UTC date, sorted by type so each meter's scan skips other types' row groups."""
-    for (d,), part in kept.group_by(["date"], maintain_order=True):
-        storage.write_parquet(
-            event_file(str(d), run_id), part.sort("type", "subject", "time"), row_group_size=EVENT_ROW_GROUP
-        )
+    ordered = kept.sort("date", "type", "subject", "time")
+    items = [(event_file(str(d), run_id), part) for (d,), part in ordered.group_by(["date"], maintain_order=True)]
+    storage.write_parquet_many(items, row_group_size=EVENT_ROW_GROUP)
 
 
 def merge_touched(a: dict, b: dict) -> dict:
@@ -449,29 +448,21 @@ def _publish(
     sort: bool = True,
 ) -> int:
     """Replace each partition `key=value` with its rows; partitions left empty are deleted."""
-    parts = {str(k[0]): df for k, df in table.group_by([key])} if not table.is_empty() else {}
-    rows = 0
-    for value in values:
-        df = parts.get(value)
-        if df is None or df.is_empty():
-            if path(value) in existing:
-                storage.delete([path(value)])
-            continue
+    if table.is_empty():
+        parts = {}
+    else:
         if sort:
-            df = df.sort(
-                [c for c in df.columns if c in ("window_start", "subject")]
-                + [
-                    c
-                    for c in df.columns
-                    if c not in ("window_start", "subject", "window_end", "value", "event_count", key)
-                ],
-                nulls_last=True,
-            )
+            order = [c for c in ("window_start", "subject") if c in table.columns]
+            order += [c for c in table.columns if c not in (*order, "window_end", "value", "event_count", key)]
         else:
-            df = df.sort("file", "line", nulls_last=True)
-        storage.write_parquet(path(value), df)
-        rows += df.height
-    return rows
+            order = ["file", "line"]
+        table = table.sort(order, nulls_last=True)
+        parts = {str(k[0]): df for k, df in table.group_by([key], maintain_order=True)}
+    writes = [(path(v), parts[v]) for v in values if v in parts and parts[v].height]
+    deletes = [path(v) for v in values if v not in parts and path(v) in existing]
+    storage.write_parquet_many(writes)
+    storage.delete(deletes)
+    return sum(df.height for _, df in writes)
 
 
 # --- the run -----------------------------------------------------------------------------------------

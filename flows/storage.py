@@ -30,6 +30,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -479,6 +480,18 @@ class Storage:
             fh.flush()
             os.fsync(fh.fileno())
         return True
+
+    def write_parquet_many(
+        self, items: list[tuple[str, pl.DataFrame]], row_group_size: int | None = None, threads: int = 8
+    ) -> None:
+        """Write many partitions concurrently (encoding and I/O release the GIL; S3 hides latency)."""
+        if len(items) <= 1:
+            for rel, df in items:
+                self.write_parquet(rel, df, row_group_size)
+            return
+        with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+            for future in [pool.submit(self.write_parquet, rel, df, row_group_size) for rel, df in items]:
+                future.result()
 
     def sync(self) -> None:
         """Make every write so far durable before the commit point (one flush instead of one per file).
