@@ -22,6 +22,7 @@ import polars as pl
 from flows import state
 from flows.storage import FileInfo, Storage
 from meters import Billing, Meter, MeterSet
+from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
 from transforms.dedupe import dedupe
 from transforms.extract import extract, extract_paths
 from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
@@ -94,6 +95,14 @@ def type_key(event_type: str) -> str:
     """A file name for an event type: readable, path-safe, and distinct for distinct types."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", event_type)[:60]
     return f"{safe}-{hashlib.sha256(event_type.encode()).hexdigest()[:8]}"
+
+
+PARTIALS = "_state/partials"
+
+
+def partials_file(event_type: str, date: str) -> str:
+    """Partial period states of the meters of one event type from the events of one UTC date."""
+    return f"{PARTIALS}/date={date}/{type_key(event_type)}.parquet"
 
 
 def meter_quarantine_file(event_type: str, date: str) -> str:
@@ -337,61 +346,125 @@ def recompute_types(
     dates: list[str],
     local_dates: list[str],
 ) -> dict[str, dict[str, int]]:
-    """Rebuild the hourly partitions (UTC `dates`) and billing periods (holding `local_dates`) of meters.
+    """Rebuild the hourly partitions of UTC `dates` and the billing periods holding `local_dates`.
 
-    The events of the needed UTC dates are read in slices of at most `SLICE_BYTES` of event files, one
-    scan per slice for all the meters' event types. Each slice yields its hourly rows and exact partial
-    period states per group (sum and count, min, max, the latest row, distinct values); the period
-    table combines the slices' partials. Memory follows one slice plus the period's groups.
+    Only the touched UTC dates' events are read, in slices of at most `SLICE_BYTES` of event files, one
+    scan per slice for all the meters' event types. Each touched date gets its hourly rows, its excluded
+    values and its exact partial period states per group (sum and count, min, max, the latest row,
+    distinct values), stored in `_state/partials/`. A billing period is the combination of the stored
+    partials of its dates, so a late event re-reads one day of events, not the whole period.
     """
     types = sorted({m.event_type for m in meters})
-    periods = _period_bounds(billing, local_dates)
-    period_starts = sorted(set(periods["period_start"].to_list()))
-    needed = set(dates)
-    if not periods.is_empty():
-        needed |= set(_utc_dates(periods["window_start"].min(), periods["window_end"].max()))
+    touched_days = sorted(set(dates))
+    period_starts = sorted(set(_period_bounds(billing, local_dates)["period_start"].to_list()))
     files = event_file_infos_by_date(storage)
     existing = _existing_partitions(storage, meters, types)
-    in_dates = pl.col("date").is_in(sorted(dates))
+    # Days of the periods whose stored partials are missing or from another meter definition are read too.
+    stale = _days_without_current_partials(storage, meters, billing, period_starts, set(files))
+    read_days = sorted(set(touched_days) | stale)
+    around = sorted({d for day in read_days for d in _days_around(day)} | set(local_dates))
+    windows = _period_bounds(billing, around)  # the period of every local date the days read can hold
+    in_touched = pl.col("date").is_in(touched_days)
     hourly: dict[str, list[pl.DataFrame]] = {m.slug: [] for m in meters}
-    partials: dict[str, list[pl.DataFrame]] = {m.slug: [] for m in meters}
+    partials: dict[str, list[pl.DataFrame]] = {t: [] for t in types}
     excluded: dict[str, list[pl.DataFrame]] = {t: [] for t in types}
-    for slice_files in _slices([files.get(d, []) for d in sorted(needed)], SLICE_BYTES):
+    for days, slice_files in _slices([(d, files.get(d, [])) for d in read_days], SLICE_BYTES):
         events = _slice_events(storage, slice_files, types)
         by_type = events.partition_by("type", as_dict=True, include_key=False) if events.height else {}
         for event_type in types:
+            of_type = [m for m in meters if m.event_type == event_type]
+            partials[event_type].extend(sentinels(m, days) for m in of_type)
             part = by_type.get((event_type,))
             if part is None:
                 continue
-            of_type = [m for m in meters if m.event_type == event_type]
             paths = extract_paths(part.lazy(), of_type).collect()
             for meter in of_type:
                 extracted = extract(paths.lazy(), meter).collect().lazy()
-                touched = extracted.filter(in_dates)
-                hourly[meter.slug].append(hourly_table(touched, meter).collect())
-                excluded[event_type].append(exclusions(touched, meter).collect())
-                if not periods.is_empty():
-                    partials[meter.slug].append(period_partials(extracted, meter, billing, periods).collect())
+                hourly[meter.slug].append(hourly_table(extracted.filter(in_touched), meter).collect())
+                excluded[event_type].append(exclusions(extracted.filter(in_touched), meter).collect())
+                day_states = period_partials(extracted, meter, billing, windows, ("date",)).collect()
+                partials[event_type].append(pack_partials(day_states, meter))
+    for event_type in types:
+        path = partial(partials_file, event_type)
+        order = ["meter", "window_start", "subject"]
+        _publish(storage, _concat(partials[event_type]), "date", read_days, path, existing, sort=order)
+        path = partial(meter_quarantine_file, event_type)
+        _publish(storage, _concat(excluded[event_type]), "date", touched_days, path, existing, sort=False)
+    stored = _stored_partials(storage, types, billing, period_starts)
     summary: dict[str, dict[str, int]] = {}
     for meter in meters:
         rows_h = _publish(
-            storage, _concat(hourly[meter.slug]), "date", dates, partial(hourly_file, meter.slug), existing
+            storage, _concat(hourly[meter.slug]), "date", touched_days, partial(hourly_file, meter.slug), existing
         )
-        parts = partials[meter.slug]
-        period = period_from_partials(pl.concat(parts).lazy(), meter, billing).collect() if parts else pl.DataFrame()
+        mine = unpack_partials(stored.lazy(), meter)
+        period = period_from_partials(mine, meter, billing).collect() if stored.height else pl.DataFrame()
         rows_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
         summary[meter.slug] = {
-            "hourly_partitions": len(dates),
+            "hourly_partitions": len(touched_days),
             "periods": len(period_starts),
             "hourly_rows": rows_h,
             "period_rows": rows_p,
             "excluded": sum(df.filter(pl.col("meter") == meter.slug).height for df in excluded[meter.event_type]),
             "latest_period": max(period_starts) if rows_p else None,
         }
-    for event_type in types:
-        path = partial(meter_quarantine_file, event_type)
-        _publish(storage, _concat(excluded[event_type]), "date", dates, path, existing, sort=False)
     return summary
+
+
+def sentinels(meter: Meter, days: list[str]) -> pl.DataFrame:
+    """One empty state per day: says the day was computed with this definition, even with no rows."""
+    rows = pl.DataFrame({"date": days, "_n": [0] * len(days)}, schema={"date": pl.String, "_n": pl.Int64})
+    return conform(rows.with_columns(meter=pl.lit(meter.slug), fingerprint=pl.lit(meter.fingerprint())), PARTIAL)
+
+
+def _days_without_current_partials(
+    storage: Storage, meters: list[Meter], billing: Billing, period_starts: list[str], with_events: set[str]
+) -> set[str]:
+    days = _period_days(billing, period_starts) & with_events
+    if not days:
+        return set()
+    current = _stored_partials(storage, sorted({m.event_type for m in meters}), billing, period_starts, all_rows=True)
+    have = set(current.select("date", "meter", "fingerprint").unique().iter_rows())
+    return {d for d in days if any((d, m.slug, m.fingerprint()) not in have for m in meters)}
+
+
+def _period_days(billing: Billing, period_starts: list[str]) -> set[str]:
+    bounds = _period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
+    out: set[str] = set()
+    for row in bounds.select("window_start", "window_end").unique().iter_rows():
+        out |= set(_utc_dates(*row))
+    return out
+
+
+def _days_around(day: str) -> list[str]:
+    d = dt.date.fromisoformat(day)
+    return [(d + dt.timedelta(days=i)).isoformat() for i in (-1, 0, 1)]
+
+
+def _stored_partials(
+    storage: Storage, types: list[str], billing: Billing, period_starts: list[str], all_rows: bool = False
+) -> pl.DataFrame:
+    """The stored day partials of every UTC date overlapping the given periods, for the given types.
+
+    Only the rows of those periods' windows, unless `all_rows` (then sentinels and other windows too).
+    """
+    if not period_starts:
+        return pl.DataFrame(schema=PARTIAL)
+    wanted = _period_days(billing, period_starts)
+    keys = {type_key(t) for t in types}
+    found = [
+        f.path
+        for f in storage.list_files(PARTIALS, (".parquet",))
+        if f.path.split("/")[-2].removeprefix("date=") in wanted
+        and f.path.rsplit("/", 1)[-1].removesuffix(".parquet") in keys
+    ]
+    if not found:
+        return pl.DataFrame(schema=PARTIAL)
+    scan = storage.scan_parquet(sorted(found))
+    if all_rows:
+        return scan.select("date", "meter", "fingerprint").collect()
+    bounds = _period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
+    windows = bounds.select("window_start").unique()
+    return scan.join(windows.lazy(), on="window_start", how="semi").collect()
 
 
 def recompute_type(
@@ -406,24 +479,27 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(frames) if frames else pl.DataFrame()
 
 
-def _slices(days: list[list[FileInfo]], max_bytes: int) -> list[list[str]]:
-    """Consecutive days' event files grouped into slices of at most `max_bytes` (a day is never split)."""
-    out: list[list[str]] = []
+def _slices(days: list[tuple[str, list[FileInfo]]], max_bytes: int) -> list[tuple[list[str], list[str]]]:
+    """Consecutive days grouped into slices of at most `max_bytes` of event files (a day is never split)."""
+    out: list[tuple[list[str], list[str]]] = []
     size = 0
-    for day in days:
-        day_bytes = sum(f.size for f in day)
-        if not out or (out[-1] and size + day_bytes > max_bytes):
-            out.append([])
+    for day, infos in days:
+        day_bytes = sum(f.size for f in infos)
+        if not out or (out[-1][0] and size + day_bytes > max_bytes):
+            out.append(([], []))
             size = 0
-        out[-1].extend(f.path for f in day)
+        out[-1][0].append(day)
+        out[-1][1].extend(f.path for f in infos)
         size += day_bytes
-    return [s for s in out if s]
+    return out
 
 
 DAY_COLUMNS = ["id", "source", "type", "subject", "time", "data", "file", "line", "batch", "date"]
 
 
 def _slice_events(storage: Storage, files: list[str], types: list[str]) -> pl.DataFrame:
+    if not files:
+        return pl.DataFrame(schema={c: EVENT[c] for c in DAY_COLUMNS})
     return storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS).collect()
 
 
@@ -432,9 +508,11 @@ def _existing_partitions(storage: Storage, meters: list[Meter], types: list[str]
     found: set[str] = set()
     for meter in meters:
         found.update(f.path for f in storage.list_files(f"usage/{meter.slug}", (".parquet",)))
-    for f in storage.list_files("quarantine/meter", (".parquet",)):
-        if f.path.rsplit("/", 1)[-1].removesuffix(".parquet") in {type_key(t) for t in types}:
-            found.add(f.path)
+    keys = {type_key(t) for t in types}
+    for prefix in ("quarantine/meter", PARTIALS):
+        for f in storage.list_files(prefix, (".parquet",)):
+            if f.path.rsplit("/", 1)[-1].removesuffix(".parquet") in keys:
+                found.add(f.path)
     return found
 
 
@@ -445,13 +523,15 @@ def _publish(
     values: list[str],
     path: Callable[[str], str],
     existing: set[str],
-    sort: bool = True,
+    sort: bool | list[str] = True,
 ) -> int:
     """Replace each partition `key=value` with its rows; partitions left empty are deleted."""
     if table.is_empty():
         parts = {}
     else:
-        if sort:
+        if isinstance(sort, list):
+            order = sort
+        elif sort:
             order = [c for c in ("window_start", "subject") if c in table.columns]
             order += [c for c in table.columns if c not in (*order, "window_end", "value", "event_count", key)]
         else:

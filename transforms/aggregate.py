@@ -104,9 +104,9 @@ def _combine_expr(aggregation: str) -> pl.Expr:
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
-def partial_aggregate(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
+def partial_aggregate(extracted: pl.LazyFrame, meter: Meter, extra_keys: tuple[str, ...] = ()) -> pl.LazyFrame:
     """Partial state per (subject, groups, window) of the rows that count (needs window columns)."""
-    keys = ["subject", *meter.group_paths, "window_start", "window_end"]
+    keys = [*extra_keys, "subject", *meter.group_paths, "window_start", "window_end"]
     return (
         extracted.filter(pl.col("excluded").is_null())
         .group_by(keys)
@@ -123,4 +123,48 @@ def combine_partials(partials: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
         .agg(value=_combine_expr(meter.aggregation), event_count=pl.col("_n").sum())
         .with_columns(pl.col("value").cast(pl.Float64))
         .select(output_columns(meter))
+    )
+
+
+# Stored form of partial states, one schema for every meter: group values as a list in definition order.
+PARTIAL = {
+    "meter": pl.String,
+    "fingerprint": pl.String,
+    "date": pl.String,
+    "subject": pl.String,
+    "groups": pl.List(pl.String),
+    "window_start": WINDOW,
+    "window_end": WINDOW,
+    "_n": pl.Int64,
+    "_sum": pl.Float64,
+    "_min": pl.Float64,
+    "_max": pl.Float64,
+    "_value": pl.Float64,
+    "_time": pl.Datetime("ns", "UTC"),
+    "_id": pl.String,
+    "_source": pl.String,
+    "_values": pl.List(pl.String),
+}
+
+
+def pack_partials(partials: pl.DataFrame, meter: Meter) -> pl.DataFrame:
+    """Partial states of one meter in the stored schema (`PARTIAL`)."""
+    keys = list(meter.group_paths)
+    groups = pl.concat_list([pl.col(k) for k in keys]) if keys else pl.lit([], pl.List(pl.String))
+    packed = partials.with_columns(
+        meter=pl.lit(meter.slug), fingerprint=pl.lit(meter.fingerprint()), groups=groups.cast(pl.List(pl.String))
+    )
+    if "_value" in packed.columns and meter.aggregation == "UNIQUE_COUNT":
+        packed = packed.drop("_value")
+    return packed.select(
+        (pl.col(c) if c in packed.columns else pl.lit(None)).cast(t).alias(c) for c, t in PARTIAL.items()
+    )
+
+
+def unpack_partials(stored: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
+    """The meter's partial states back in `partial_aggregate`'s shape (current definition only)."""
+    current = (pl.col("meter") == meter.slug) & (pl.col("fingerprint") == meter.fingerprint())
+    mine = stored.filter(current & pl.col("window_start").is_not_null())  # sentinels carry no state
+    return mine.with_columns(
+        pl.col("groups").list.get(i, null_on_oob=True).alias(k) for i, k in enumerate(meter.group_paths)
     )

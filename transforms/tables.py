@@ -34,9 +34,11 @@ def _period_windows(extracted: pl.LazyFrame, billing: Billing, periods: pl.DataF
     )
 
 
-def period_partials(extracted: pl.LazyFrame, meter: Meter, billing: Billing, periods: pl.DataFrame) -> pl.LazyFrame:
+def period_partials(
+    extracted: pl.LazyFrame, meter: Meter, billing: Billing, periods: pl.DataFrame, extra_keys: tuple[str, ...] = ()
+) -> pl.LazyFrame:
     """Partial period states of some events (e.g. one day); combine them with `period_from_partials`."""
-    return partial_aggregate(_period_windows(extracted, billing, periods), meter)
+    return partial_aggregate(_period_windows(extracted, billing, periods), meter, extra_keys)
 
 
 def period_from_partials(partials: pl.LazyFrame, meter: Meter, billing: Billing) -> pl.LazyFrame:
