@@ -36,7 +36,7 @@ LANDING = "landing"
 EVENTS = "events"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
-SLICE_BYTES = 512 * 2**20  # event files read at once when recomputing: bounds recompute memory
+SLICE_BYTES = 96 * 2**20  # event files read at once when recomputing: bounds recompute memory
 CHUNK_BYTES = 256 * 2**20  # landed bytes parsed at once: bounds ingest memory
 
 
