@@ -267,11 +267,7 @@ def _ingest_chunk(
     reasons: Counter[str],
 ) -> list[dict]:
     new, quarantine, rows, unchanged = read_batches(storage, batches, known)
-    by_date = event_files_by_date(storage)
-    dates = new["date"].unique().to_list()
-    existing = [p for d in dates for p in by_date.get(d, [])]
-    existing_keys = storage.scan_parquet(existing).select("date", "source", "id").collect() if existing else None
-    kept, dups = dedupe(new, existing_keys)
+    kept, dups = dedupe_against_store(storage, new)
     if not dups.is_empty():
         dup_rows = dups.with_columns(
             stage=pl.lit("dedupe"),
@@ -305,6 +301,22 @@ def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
     ordered = kept.sort("date", "type", "subject", "time")
     items = [(event_file(str(d), run_id), part) for (d,), part in ordered.group_by(["date"], maintain_order=True)]
     storage.write_parquet_many(items, row_group_size=EVENT_ROW_GROUP)
+
+
+def dedupe_against_store(storage: Storage, new: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`dedupe` with the stored keys of one UTC date at a time (memory follows a day, not the history)."""
+    by_date = event_files_by_date(storage)
+    kept_parts, dup_parts = [], []
+    for (day,), part in new.with_row_index("_landing").group_by(["date"], maintain_order=True):
+        files = by_date.get(str(day), [])
+        keys = storage.scan_parquet(files).select("date", "source", "id").collect() if files else None
+        kept, dups = dedupe(part, keys)
+        kept_parts.append(kept)
+        dup_parts.append(dups)
+    if not kept_parts:
+        return dedupe(new)
+    kept, dups = pl.concat(kept_parts).sort("_landing"), pl.concat(dup_parts).sort("_landing")
+    return kept.drop("_landing"), dups.drop("_landing")
 
 
 def merge_touched(a: dict, b: dict) -> dict:
@@ -364,38 +376,42 @@ def recompute_types(
     read_days = sorted(set(touched_days) | stale)
     around = sorted({d for day in read_days for d in _days_around(day)} | set(local_dates))
     windows = _period_bounds(billing, around)  # the period of every local date the days read can hold
-    in_touched = pl.col("date").is_in(touched_days)
-    hourly: dict[str, list[pl.DataFrame]] = {m.slug: [] for m in meters}
-    partials: dict[str, list[pl.DataFrame]] = {t: [] for t in types}
-    excluded: dict[str, list[pl.DataFrame]] = {t: [] for t in types}
+    counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
     for days, slice_files in _slices([(d, files.get(d, [])) for d in read_days], SLICE_BYTES):
+        # Everything derived from a slice is published before the next slice is read: memory stays flat.
+        touched = [d for d in days if d in set(touched_days)]
+        in_touched = pl.col("date").is_in(touched)
         events = _slice_events(storage, slice_files, types)
         by_type = events.partition_by("type", as_dict=True, include_key=False) if events.height else {}
+        del events
         for event_type in types:
             of_type = [m for m in meters if m.event_type == event_type]
-            partials[event_type].extend(sentinels(m, days) for m in of_type)
-            part = by_type.get((event_type,))
-            if part is None:
-                continue
-            paths = extract_paths(part.lazy(), of_type).collect()
-            for meter in of_type:
+            partials = [sentinels(m, days) for m in of_type]
+            excluded: list[pl.DataFrame] = []
+            part = by_type.pop((event_type,), None)
+            paths = extract_paths(part.lazy(), of_type).collect() if part is not None else None
+            for meter in of_type if paths is not None else []:
                 extracted = extract(paths.lazy(), meter).collect().lazy()
-                hourly[meter.slug].append(hourly_table(extracted.filter(in_touched), meter).collect())
-                excluded[event_type].append(exclusions(extracted.filter(in_touched), meter).collect())
+                hourly = hourly_table(extracted.filter(in_touched), meter).collect()
+                counts[meter.slug]["hourly_rows"] += _publish(
+                    storage, hourly, "date", touched, partial(hourly_file, meter.slug), existing
+                )
+                excluded.append(exclusions(extracted.filter(in_touched), meter).collect())
+                counts[meter.slug]["excluded"] += excluded[-1].height
                 day_states = period_partials(extracted, meter, billing, windows, ("date",)).collect()
-                partials[event_type].append(pack_partials(day_states, meter))
-    for event_type in types:
-        path = partial(partials_file, event_type)
-        order = ["meter", "window_start", "subject"]
-        _publish(storage, _concat(partials[event_type]), "date", read_days, path, existing, sort=order)
-        path = partial(meter_quarantine_file, event_type)
-        _publish(storage, _concat(excluded[event_type]), "date", touched_days, path, existing, sort=False)
+                partials.append(pack_partials(day_states, meter))
+            if paths is None:  # no events of the type in the slice: its touched days lose their rows
+                for meter in of_type:
+                    _publish(storage, pl.DataFrame(), "date", touched, partial(hourly_file, meter.slug), existing)
+            order = ["meter", "window_start", "subject"]
+            path = partial(partials_file, event_type)
+            _publish(storage, _concat(partials), "date", days, path, existing, sort=order)
+            path = partial(meter_quarantine_file, event_type)
+            _publish(storage, _concat(excluded), "date", touched, path, existing, sort=False)
     stored = _stored_partials(storage, types, billing, period_starts)
     summary: dict[str, dict[str, int]] = {}
     for meter in meters:
-        rows_h = _publish(
-            storage, _concat(hourly[meter.slug]), "date", touched_days, partial(hourly_file, meter.slug), existing
-        )
+        rows_h = counts[meter.slug]["hourly_rows"]
         mine = unpack_partials(stored.lazy(), meter)
         period = period_from_partials(mine, meter, billing).collect() if stored.height else pl.DataFrame()
         rows_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
@@ -404,7 +420,7 @@ def recompute_types(
             "periods": len(period_starts),
             "hourly_rows": rows_h,
             "period_rows": rows_p,
-            "excluded": sum(df.filter(pl.col("meter") == meter.slug).height for df in excluded[meter.event_type]),
+            "excluded": counts[meter.slug]["excluded"],
             "latest_period": max(period_starts) if rows_p else None,
         }
     return summary
