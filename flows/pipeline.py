@@ -13,7 +13,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -726,10 +726,6 @@ def format_summary(summary: dict) -> str:
             " built; run `meterlake backfill --meter SLUG` to rebuild it"
         )
     return "\n".join(lines)
-
-
-def as_dict(obj: Any) -> dict:
-    return asdict(obj)
 
 
 # --- backfill ----------------------------------------------------------------------------------------

@@ -44,10 +44,6 @@ class Parsed:
     content: bytes = b""  # the decompressed JSONL text, to quote rejected lines exactly
 
 
-def is_batch(name: str) -> bool:
-    return name.lower().endswith(BATCH_SUFFIXES)
-
-
 def parse_batch(raw: bytes, name: str) -> Parsed:
     lower = name.lower()
     if lower.endswith(PARQUET_SUFFIXES):
@@ -213,11 +209,6 @@ def _data_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         return pl.lit(None, pl.String).alias("data")
     # A list or number is not a JSON object; keep a readable trace so validation can reject it.
     return pl.lit("<not an object>", pl.String).alias("data")
-
-
-def rows_as_json(records: pl.DataFrame) -> pl.Series:
-    """A record's envelope as compact JSON, the raw text of a Parquet row in quarantine."""
-    return records.select(pl.struct(list(ENVELOPE)).struct.json_encode()).to_series()
 
 
 def with_raw_text(rejects: pl.DataFrame, parsed: Parsed) -> pl.DataFrame:
