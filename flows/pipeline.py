@@ -134,9 +134,20 @@ def find_new_batches(storage: Storage) -> list[FileInfo]:
     manifest = state.read_manifest(storage)
     columns = [manifest[c].to_list() for c in ("path", "size", "mtime", "etag")]
     seen = set(zip(*columns, strict=True))
-    files = storage.list_files(LANDING, BATCH_SUFFIXES)
+    files = storage.list_files(LANDING)
+    unread = [f.path for f in files if not f.path.lower().endswith(BATCH_SUFFIXES)]
+    if unread:  # never silently: a producer writing `.json` or `.csv` would otherwise lose every event
+        shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")
+        logging.getLogger(__name__).warning(
+            "landing/ has %d file(s) meterlake does not read (use %s): %s",
+            len(unread),
+            " ".join(BATCH_SUFFIXES),
+            shown,
+        )
+    batches = [f for f in files if f.path.lower().endswith(BATCH_SUFFIXES)]
     # The ETag (S3) catches a same-size re-land within LastModified's one-second resolution.
-    return sorted((f for f in files if (f.path, f.size, f.mtime, f.etag) not in seen), key=lambda f: (f.mtime, f.path))
+    new = (f for f in batches if (f.path, f.size, f.mtime, f.etag) not in seen)
+    return sorted(new, key=lambda f: (f.mtime, f.path))
 
 
 def batch_id(path: str, content: bytes) -> str:

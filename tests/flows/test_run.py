@@ -356,3 +356,15 @@ def test_escaped_characters_in_data_do_not_hide_its_values(tmp_path: Path) -> No
     summary = quiet_run(storage)
     assert summary["excluded_by_meter"] == {}
     assert values(table(storage, "tokens_total"), "model") == {(note,): float(i + 1) for i, note in enumerate(notes)}
+
+
+def test_files_with_unknown_suffixes_are_reported_not_silently_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = local_root(tmp_path)
+    land(storage, "ok.jsonl", jsonl([event("1", "2024-01-01T00:00:00Z", data={"tokens": 1})]))
+    land(storage, "wrong.json", b"{}\n")
+    with caplog.at_level("WARNING", logger="flows.pipeline"):
+        batches = pipeline.find_new_batches(storage)
+    assert [b.path for b in batches] == ["landing/ok.jsonl"]
+    assert "landing/wrong.json" in caplog.text and "does not read" in caplog.text
