@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from flows import state
-from flows.storage import FileInfo, Storage
+from flows.storage import TMP, FileInfo, Storage
 from meters import Billing, Meter, MeterSet
 from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
 from transforms.dedupe import dedupe
@@ -120,12 +120,7 @@ def event_file_infos_by_date(storage: Storage) -> dict[str, list[FileInfo]]:
 
 
 def event_files_by_date(storage: Storage) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for f in storage.list_files(EVENTS, (".parquet",)):
-        part = f.path.split("/")[1]
-        if part.startswith("date="):
-            out.setdefault(part[5:], []).append(f.path)
-    return out
+    return {day: [f.path for f in infos] for day, infos in event_file_infos_by_date(storage).items()}
 
 
 # --- finding and ingesting batches -------------------------------------------------------------------
@@ -589,7 +584,7 @@ def recover(storage: Storage) -> tuple[dict, list[state.Pending]]:
         storage.delete(pending.files)  # roll back: the batches are read again by this run
         redo = merge_touched(redo, pending.touched)
         stale.append(pending)
-    for f in storage.list_files(state.TMP_PREFIX):
+    for f in storage.list_files(TMP):
         storage.delete([f.path])
     return redo, stale
 

@@ -34,7 +34,6 @@ MANIFEST_SCHEMA = {
     "batch": pl.String,
     "run_id": pl.String,
 }
-TMP_PREFIX = "_state/tmp"
 COMPACT_AFTER = 64  # manifest files; merged into one so reading state stays cheap
 
 

@@ -40,7 +40,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP = "_state/tmp"
-TMP_PREFIX = TMP
 HIDDEN = (".", "_")  # names (files or folders) that listings skip, as Spark, Hive and pyarrow do
 
 log = logging.getLogger("meterlake.storage")

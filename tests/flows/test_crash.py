@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows import pipeline, state
-from flows.storage import Storage
+from flows.storage import TMP, Storage
 from meters import parse_meters
 
 from reference import assert_tables_match
@@ -246,7 +246,7 @@ def assert_recovered(storage: Storage, expected: dict, where: str) -> None:
     assert got["events"].height == expected["events"].height, f"{where}: events/ has {got['events'].height} rows"
     assert got["events"].equals(expected["events"]), f"{where}: events/ differs"
     assert got["quarantine"] == expected["quarantine"], f"{where}: quarantine differs"
-    assert not storage.list_files(state.TMP_PREFIX), f"{where}: leftovers in _state/tmp"
+    assert not storage.list_files(TMP), f"{where}: leftovers in _state/tmp"
     assert not storage.list_files(state.PENDING), f"{where}: leftovers in _state/pending"
     assert not storage.exists(state.LOCK), f"{where}: lock not released"
 
@@ -301,7 +301,7 @@ def test_kill_anywhere_then_restart(
         result = killer.attempt(root, n=n, mode=mode)
         assert result["signal"] == 9, f"call {n} of {total} did not kill the run: {result}"
         if mode == "tmp":
-            assert storage.list_files(state.TMP_PREFIX), "the kill should leave a complete temporary file behind"
+            assert storage.list_files(TMP), "the kill should leave a complete temporary file behind"
         assert_published_files_readable(storage)
         quiet_run(storage)
         assert_recovered(storage, expected, f"{base}, killed at {mode} call {n}/{total}")
@@ -363,7 +363,7 @@ def test_kill_during_reingest_backfill(killer: Killer, tmp_path: Path) -> None:
             seen.add(which[0])
             for key, table in states[which[0]][1].items():  # tables agree with that store
                 assert_tables_match(all_tables(storage, METERS)[key], table, f"{where}: {key}")
-            assert not storage.list_files(state.TMP_PREFIX) and not storage.list_files(state.PENDING), where
+            assert not storage.list_files(TMP) and not storage.list_files(state.PENDING), where
             shutil.rmtree(root)
     assert seen == {"old", "new"}, "kill points should fall both before and after the re-ingest commits"
 
