@@ -9,45 +9,36 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import polars as pl
 
-from flows import state
-from flows.storage import TMP, FileInfo, Storage
-from meters import Billing, Meter, MeterSet
-from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
+from flows import recompute, state
+from flows.recompute import EVENTS, event_file_infos_by_date, hourly_file, period_file  # noqa: F401 - re-exported
+from flows.storage import TMP, FileInfo, Storage, arrow_for_readers
+from meters import Billing, MeterSet
 from transforms.dedupe import dedupe
-from transforms.extract import extract, extract_paths
-from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
+from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
-from transforms.tables import exclusions, hourly_table, period_from_partials, period_partials
 from transforms.validate import validate
-from transforms.windows import period_dates
-from transforms.windows import period_table as periods_for_dates
 
 LANDING = "landing"
-EVENTS = "events"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
-SLICE_BYTES = 96 * 2**20  # event files read at once when recomputing: bounds recompute memory
+FAN_GROUP = 4  # slices of days submitted at once to a task runner (bounds memory with threads)
 CHUNK_BYTES = 256 * 2**20  # landed bytes parsed at once: bounds ingest memory
 
 
 class Runner:
     """How steps run: here, one after another. `flows/prefect_flows.py` runs them as Prefect tasks.
 
-    `step` runs one named step; `fan` runs independent calls of one function (per event type), which a
-    Prefect runner submits concurrently to its task runner (threads, or a Dask cluster).
+    `step` runs one named step; `fan` runs independent calls of one function (a slice of days each), which
+    a Prefect runner submits concurrently to its task runner (threads, or a Dask cluster).
     """
-
-    combine = True  # recompute all event types in one pass (one process: fewer scans of the same files)
 
     def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
@@ -79,44 +70,8 @@ def event_file(date: str, run_id: str) -> str:
     return f"{EVENTS}/date={date}/{run_id}.parquet"
 
 
-def hourly_file(slug: str, date: str) -> str:
-    return f"usage/{slug}/hourly/date={date}/data.parquet"
-
-
-def period_file(slug: str, period_start: str) -> str:
-    return f"usage/{slug}/period/period_start={period_start}/data.parquet"
-
-
 def batch_quarantine_file(batch: str) -> str:
     return f"quarantine/records/{batch}.parquet"
-
-
-def type_key(event_type: str) -> str:
-    """A file name for an event type: readable, path-safe, and distinct for distinct types."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", event_type)[:60]
-    return f"{safe}-{hashlib.sha256(event_type.encode()).hexdigest()[:8]}"
-
-
-PARTIALS = "_state/partials"
-
-
-def partials_file(event_type: str, date: str) -> str:
-    """Partial period states of the meters of one event type from the events of one UTC date."""
-    return f"{PARTIALS}/date={date}/{type_key(event_type)}.parquet"
-
-
-def meter_quarantine_file(event_type: str, date: str) -> str:
-    """Values the meters of one event type excluded on one UTC date (column `meter` says which)."""
-    return f"quarantine/meter/date={date}/{type_key(event_type)}.parquet"
-
-
-def event_file_infos_by_date(storage: Storage) -> dict[str, list[FileInfo]]:
-    out: dict[str, list[FileInfo]] = {}
-    for f in storage.list_files(EVENTS, (".parquet",)):
-        part = f.path.split("/")[1]
-        if part.startswith("date="):
-            out.setdefault(part[5:], []).append(f)
-    return out
 
 
 def event_files_by_date(storage: Storage) -> dict[str, list[str]]:
@@ -171,7 +126,8 @@ def read_batches(
     storage: Storage, batches: list[FileInfo], known_batches: set[str]
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[dict], int]:
     """Parse and validate batches: (valid events in landing order, quarantine rows, manifest rows, unchanged)."""
-    valid_parts: list[pl.DataFrame] = []
+    records: list[pl.DataFrame] = []
+    parsed_files: dict[str, tuple[str, Parsed]] = {}
     rejects: list[pl.DataFrame] = []
     rows: list[dict] = []
     unchanged = 0
@@ -194,14 +150,21 @@ def read_batches(
             continue
         if not parsed.malformed.is_empty():
             rejects.append(_quarantine_rows(parsed.malformed, "envelope", info.path, batch, reason="malformed_json"))
-        valid, rejected = validate(parsed.records)
-        if not rejected.is_empty():
-            rejected = with_raw_text(rejected, parsed).rename({"id": "event_id"})
-            rejects.append(_quarantine_rows(rejected, "envelope", info.path, batch))
-        valid_parts.append(
-            valid.with_columns(file=pl.lit(info.path), batch=pl.lit(batch), batch_order=pl.lit(order, pl.Int32))
+        parsed_files[info.path] = (batch, parsed)
+        records.append(
+            parsed.records.with_columns(
+                file=pl.lit(info.path), batch=pl.lit(batch), batch_order=pl.lit(order, pl.Int32)
+            )
         )
-    valid_all = pl.concat(valid_parts) if valid_parts else empty({**EVENT, "batch_order": pl.Int32})
+    if records:  # one validation for the whole chunk: row-wise parsing spreads over every core
+        valid_all, rejected = validate(pl.concat(records))
+        del records
+        for (path,), part in rejected.group_by(["file"], maintain_order=True):
+            batch, parsed = parsed_files[str(path)]
+            part = with_raw_text(part, parsed).rename({"id": "event_id"})
+            rejects.append(_quarantine_rows(part, "envelope", str(path), batch))
+    else:
+        valid_all = empty({**EVENT, "batch_order": pl.Int32})
     quarantine = pl.concat(rejects) if rejects else empty(QUARANTINE)
     return valid_all, quarantine, rows, unchanged
 
@@ -305,7 +268,11 @@ def _ingest_chunk(
 def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
     """One file per UTC date, sorted by type so each meter's scan skips other types' row groups."""
     ordered = kept.sort("date", "type", "subject", "time")
-    items = [(event_file(str(d), run_id), part) for (d,), part in ordered.group_by(["date"], maintain_order=True)]
+    table = arrow_for_readers(ordered)  # converted once; each date is a zero-copy slice
+    items, at = [], 0
+    for day, length in ordered.select(pl.col("date").rle().struct.unnest()).select("value", "len").iter_rows():
+        items.append((event_file(str(day), run_id), table.slice(at, length)))
+        at += length
     storage.write_parquet_many(items, row_group_size=EVENT_ROW_GROUP)
 
 
@@ -333,238 +300,6 @@ def merge_touched(a: dict, b: dict) -> dict:
             for key in ("dates", "local_dates"):
                 slot[key] = sorted(set(slot[key]) | set(parts.get(key, [])))
     return out
-
-
-# --- recomputing tables ------------------------------------------------------------------------------
-def _period_bounds(billing: Billing, local_dates: list[str]) -> pl.DataFrame:
-    """The billing periods holding the given local dates, with every local date of each period."""
-    starts = sorted(
-        {period_dates(dt.date.fromisoformat(d), billing.period, billing.anchor_day)[0] for d in local_dates}
-    )
-    days: list[dt.date] = []
-    for first in starts:
-        after = period_dates(first, billing.period, billing.anchor_day)[1]
-        days.extend(first + dt.timedelta(days=i) for i in range((after - first).days))
-    return periods_for_dates(days, billing.period, billing.timezone, billing.anchor_day)
-
-
-def _utc_dates(start: dt.datetime, end: dt.datetime) -> list[str]:
-    day, last = start.date(), (end - dt.timedelta(microseconds=1)).date()
-    out = []
-    while day <= last:
-        out.append(day.isoformat())
-        day += dt.timedelta(days=1)
-    return out
-
-
-def recompute_types(
-    storage: Storage,
-    meters: list[Meter],
-    billing: Billing,
-    dates: list[str],
-    local_dates: list[str],
-) -> dict[str, dict[str, int]]:
-    """Rebuild the hourly partitions of UTC `dates` and the billing periods holding `local_dates`.
-
-    Only the touched UTC dates' events are read, in slices of at most `SLICE_BYTES` of event files, one
-    scan per slice for all the meters' event types. Each touched date gets its hourly rows, its excluded
-    values and its exact partial period states per group (sum and count, min, max, the latest row,
-    distinct values), stored in `_state/partials/`. A billing period is the combination of the stored
-    partials of its dates, so a late event re-reads one day of events, not the whole period.
-    """
-    types = sorted({m.event_type for m in meters})
-    touched_days = sorted(set(dates))
-    period_starts = sorted(set(_period_bounds(billing, local_dates)["period_start"].to_list()))
-    files = event_file_infos_by_date(storage)
-    existing = _existing_partitions(storage, meters, types)
-    # Days of the periods whose stored partials are missing or from another meter definition are read too.
-    stale = _days_without_current_partials(storage, meters, billing, period_starts, set(files))
-    read_days = sorted(set(touched_days) | stale)
-    around = sorted({d for day in read_days for d in _days_around(day)} | set(local_dates))
-    windows = _period_bounds(billing, around)  # the period of every local date the days read can hold
-    counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
-    for days, slice_files in _slices([(d, files.get(d, [])) for d in read_days], SLICE_BYTES):
-        # Everything derived from a slice is published before the next slice is read: memory stays flat.
-        touched = [d for d in days if d in set(touched_days)]
-        in_touched = pl.col("date").is_in(touched)
-        events = _slice_events(storage, slice_files, types)
-        by_type = events.partition_by("type", as_dict=True, include_key=False) if events.height else {}
-        del events
-        for event_type in types:
-            of_type = [m for m in meters if m.event_type == event_type]
-            partials = [sentinels(m, days) for m in of_type]
-            excluded: list[pl.DataFrame] = []
-            part = by_type.pop((event_type,), None)
-            paths = extract_paths(part.lazy(), of_type).collect() if part is not None else None
-            for meter in of_type if paths is not None else []:
-                extracted = extract(paths.lazy(), meter).collect().lazy()
-                hourly = hourly_table(extracted.filter(in_touched), meter).collect()
-                counts[meter.slug]["hourly_rows"] += _publish(
-                    storage, hourly, "date", touched, partial(hourly_file, meter.slug), existing
-                )
-                excluded.append(exclusions(extracted.filter(in_touched), meter).collect())
-                counts[meter.slug]["excluded"] += excluded[-1].height
-                day_states = period_partials(extracted, meter, billing, windows, ("date",)).collect()
-                partials.append(pack_partials(day_states, meter))
-            if paths is None:  # no events of the type in the slice: its touched days lose their rows
-                for meter in of_type:
-                    _publish(storage, pl.DataFrame(), "date", touched, partial(hourly_file, meter.slug), existing)
-            order = ["meter", "window_start", "subject"]
-            path = partial(partials_file, event_type)
-            _publish(storage, _concat(partials), "date", days, path, existing, sort=order)
-            path = partial(meter_quarantine_file, event_type)
-            _publish(storage, _concat(excluded), "date", touched, path, existing, sort=False)
-    stored = _stored_partials(storage, types, billing, period_starts)
-    summary: dict[str, dict[str, int]] = {}
-    for meter in meters:
-        rows_h = counts[meter.slug]["hourly_rows"]
-        mine = unpack_partials(stored.lazy(), meter)
-        period = period_from_partials(mine, meter, billing).collect() if stored.height else pl.DataFrame()
-        rows_p = _publish(storage, period, "period_start", period_starts, partial(period_file, meter.slug), existing)
-        summary[meter.slug] = {
-            "hourly_partitions": len(touched_days),
-            "periods": len(period_starts),
-            "hourly_rows": rows_h,
-            "period_rows": rows_p,
-            "excluded": counts[meter.slug]["excluded"],
-            "latest_period": max(period_starts) if rows_p else None,
-        }
-    return summary
-
-
-def sentinels(meter: Meter, days: list[str]) -> pl.DataFrame:
-    """One empty state per day: says the day was computed with this definition, even with no rows."""
-    rows = pl.DataFrame({"date": days, "_n": [0] * len(days)}, schema={"date": pl.String, "_n": pl.Int64})
-    return conform(rows.with_columns(meter=pl.lit(meter.slug), fingerprint=pl.lit(meter.fingerprint())), PARTIAL)
-
-
-def _days_without_current_partials(
-    storage: Storage, meters: list[Meter], billing: Billing, period_starts: list[str], with_events: set[str]
-) -> set[str]:
-    days = _period_days(billing, period_starts) & with_events
-    if not days:
-        return set()
-    current = _stored_partials(storage, sorted({m.event_type for m in meters}), billing, period_starts, all_rows=True)
-    have = set(current.select("date", "meter", "fingerprint").unique().iter_rows())
-    return {d for d in days if any((d, m.slug, m.fingerprint()) not in have for m in meters)}
-
-
-def _period_days(billing: Billing, period_starts: list[str]) -> set[str]:
-    bounds = _period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
-    out: set[str] = set()
-    for row in bounds.select("window_start", "window_end").unique().iter_rows():
-        out |= set(_utc_dates(*row))
-    return out
-
-
-def _days_around(day: str) -> list[str]:
-    d = dt.date.fromisoformat(day)
-    return [(d + dt.timedelta(days=i)).isoformat() for i in (-1, 0, 1)]
-
-
-def _stored_partials(
-    storage: Storage, types: list[str], billing: Billing, period_starts: list[str], all_rows: bool = False
-) -> pl.DataFrame:
-    """The stored day partials of every UTC date overlapping the given periods, for the given types.
-
-    Only the rows of those periods' windows, unless `all_rows` (then sentinels and other windows too).
-    """
-    if not period_starts:
-        return pl.DataFrame(schema=PARTIAL)
-    wanted = _period_days(billing, period_starts)
-    keys = {type_key(t) for t in types}
-    found = [
-        f.path
-        for f in storage.list_files(PARTIALS, (".parquet",))
-        if f.path.split("/")[-2].removeprefix("date=") in wanted
-        and f.path.rsplit("/", 1)[-1].removesuffix(".parquet") in keys
-    ]
-    if not found:
-        return pl.DataFrame(schema=PARTIAL)
-    scan = storage.scan_parquet(sorted(found))
-    if all_rows:
-        return scan.select("date", "meter", "fingerprint").collect()
-    bounds = _period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
-    windows = bounds.select("window_start").unique()
-    return scan.join(windows.lazy(), on="window_start", how="semi").collect()
-
-
-def recompute_type(
-    storage: Storage, event_type: str, meters: list[Meter], billing: Billing, dates: list[str], local_dates: list[str]
-) -> dict[str, dict[str, int]]:
-    """`recompute_types` for one event type: the unit of fan-out on a task runner."""
-    return recompute_types(storage, [m for m in meters if m.event_type == event_type], billing, dates, local_dates)
-
-
-def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
-    frames = [f for f in frames if f.height]
-    return pl.concat(frames) if frames else pl.DataFrame()
-
-
-def _slices(days: list[tuple[str, list[FileInfo]]], max_bytes: int) -> list[tuple[list[str], list[str]]]:
-    """Consecutive days grouped into slices of at most `max_bytes` of event files (a day is never split)."""
-    out: list[tuple[list[str], list[str]]] = []
-    size = 0
-    for day, infos in days:
-        day_bytes = sum(f.size for f in infos)
-        if not out or (out[-1][0] and size + day_bytes > max_bytes):
-            out.append(([], []))
-            size = 0
-        out[-1][0].append(day)
-        out[-1][1].extend(f.path for f in infos)
-        size += day_bytes
-    return out
-
-
-DAY_COLUMNS = ["id", "source", "type", "subject", "time", "data", "file", "line", "batch", "date"]
-
-
-def _slice_events(storage: Storage, files: list[str], types: list[str]) -> pl.DataFrame:
-    if not files:
-        return pl.DataFrame(schema={c: EVENT[c] for c in DAY_COLUMNS})
-    return storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS).collect()
-
-
-def _existing_partitions(storage: Storage, meters: list[Meter], types: list[str]) -> set[str]:
-    """Partition files the meters have now, so empty partitions are deleted without blind delete calls."""
-    found: set[str] = set()
-    for meter in meters:
-        found.update(f.path for f in storage.list_files(f"usage/{meter.slug}", (".parquet",)))
-    keys = {type_key(t) for t in types}
-    for prefix in ("quarantine/meter", PARTIALS):
-        for f in storage.list_files(prefix, (".parquet",)):
-            if f.path.rsplit("/", 1)[-1].removesuffix(".parquet") in keys:
-                found.add(f.path)
-    return found
-
-
-def _publish(
-    storage: Storage,
-    table: pl.DataFrame,
-    key: str,
-    values: list[str],
-    path: Callable[[str], str],
-    existing: set[str],
-    sort: bool | list[str] = True,
-) -> int:
-    """Replace each partition `key=value` with its rows; partitions left empty are deleted."""
-    if table.is_empty():
-        parts = {}
-    else:
-        if isinstance(sort, list):
-            order = sort
-        elif sort:
-            order = [c for c in ("window_start", "subject") if c in table.columns]
-            order += [c for c in table.columns if c not in (*order, "window_end", "value", "event_count", key)]
-        else:
-            order = ["file", "line"]
-        table = table.sort(order, nulls_last=True)
-        parts = {str(k[0]): df for k, df in table.group_by([key], maintain_order=True)}
-    writes = [(path(v), parts[v]) for v in values if v in parts and parts[v].height]
-    deletes = [path(v) for v in values if v not in parts and path(v) in existing]
-    storage.write_parquet_many(writes)
-    storage.delete(deletes)
-    return sum(df.height for _, df in writes)
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -638,21 +373,45 @@ def _release(storage: Storage, run_id: str) -> None:
         logging.getLogger(__name__).warning("could not release the run lock (it expires by itself): %s", exc)
 
 
-def recompute_all(storage: Storage, meterset: MeterSet, touched: dict, runner: Runner = DIRECT) -> dict:
-    """Recompute every meter of every touched event type; event types are independent (fanned out)."""
-    calls = []
-    for event_type, parts in sorted(touched.items()):
-        meters = [m for m in meterset.meters if m.event_type == event_type]
-        if meters:
-            calls.append((storage, event_type, meters, meterset.billing, parts["dates"], parts["local_dates"]))
-    summary: dict[str, dict[str, int]] = {}
-    if runner.combine and len(calls) > 1:  # one process: one scan of each slice serves every type
-        dates = sorted({d for c in calls for d in c[4]})
-        local = sorted({d for c in calls for d in c[5]})
-        meters = [m for c in calls for m in c[2]]
-        return runner.step("recompute", recompute_types, storage, meters, meterset.billing, dates, local)
-    for result in runner.fan("recompute", recompute_type, calls):
-        summary.update(result)
+def recompute_all(
+    storage: Storage,
+    meterset: MeterSet,
+    touched: dict,
+    runner: Runner = DIRECT,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Recompute every meter of the touched event types: slices of days (fanned out), then periods."""
+    meters = [m for m in meterset.meters if m.event_type in touched]
+    if not meters:
+        return {}
+    types = {m.event_type for m in meters}
+    dates = sorted({d for t in types for d in touched[t]["dates"]})
+    local = sorted({d for t in types for d in touched[t].get("local_dates", [])})
+    todo = runner.step("plan-recompute", recompute.plan, storage, meters, meterset.billing, dates, local)
+    counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
+    calls = [(storage, meters, meterset.billing, *piece) for piece in todo.slices]
+    for at in range(0, len(calls), FAN_GROUP):
+        group = calls[at : at + FAN_GROUP]
+        for result in runner.fan("recompute-days", recompute.recompute_days, group):
+            for slug, numbers in result.items():
+                for key, value in numbers.items():
+                    counts[slug][key] += value
+        if progress:
+            progress(at + len(group), len(calls) + 1, "days")
+    period_rows = runner.step(
+        "recompute-periods", recompute.recompute_periods, storage, meters, meterset.billing, todo.period_starts
+    )
+    summary: dict[str, dict] = {}
+    for meter in meters:
+        rows_p = period_rows[meter.slug]
+        summary[meter.slug] = {
+            "hourly_partitions": len(todo.touched_days),
+            "periods": len(todo.period_starts),
+            "hourly_rows": counts[meter.slug]["hourly_rows"],
+            "period_rows": rows_p,
+            "excluded": counts[meter.slug]["excluded"],
+            "latest_period": max(todo.period_starts) if rows_p else None,
+        }
     return summary
 
 
@@ -813,16 +572,13 @@ def backfill(
         state.write_pending(storage, state.Pending(run_id=run_id, touched=merge_touched(touched, redo)))
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
-        summary: dict = {}
-        types = sorted(touched)
-        for i, event_type in enumerate(types):
-            if progress:
-                progress(i, len(types), event_type)
-            summary.update(recompute_all(storage, selected, {event_type: touched[event_type]}, runner))
+        if progress:
+            progress(0, 1, "days")
+        summary = recompute_all(storage, selected, touched, runner, progress)
         if redo:
             summary.update(recompute_all(storage, meterset, redo, runner))
         if progress:
-            progress(len(types), len(types), "done")
+            progress(1, 1, "done")
         all_dates = sorted(event_files_by_date(storage))
         covers_all = not all_dates or (all_dates[0] >= start.isoformat() and all_dates[-1] < end.isoformat())
         fps = update_fingerprints(

@@ -37,7 +37,7 @@ def aggregate(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
     keys = ["subject", *meter.group_paths, "window_start", "window_end"]
     return (
         extracted.filter(pl.col("excluded").is_null())
-        .group_by(keys)
+        .group_by(keys, maintain_order=True)  # rows in input order: the same events give the same file
         .agg(value=value_expr(meter.aggregation), event_count=pl.len().cast(pl.Int64))
         .with_columns(
             pl.col("window_start").cast(WINDOW),
@@ -109,7 +109,7 @@ def partial_aggregate(extracted: pl.LazyFrame, meter: Meter, extra_keys: tuple[s
     keys = [*extra_keys, "subject", *meter.group_paths, "window_start", "window_end"]
     return (
         extracted.filter(pl.col("excluded").is_null())
-        .group_by(keys)
+        .group_by(keys, maintain_order=True)
         .agg(_partial_exprs(meter.aggregation))
         .with_columns(pl.col("window_start").cast(WINDOW), pl.col("window_end").cast(WINDOW))
     )
@@ -119,7 +119,7 @@ def combine_partials(partials: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
     """Final values from partial states (of any number of days); same columns as `aggregate`."""
     keys = ["subject", *meter.group_paths, "window_start", "window_end"]
     return (
-        partials.group_by(keys)
+        partials.group_by(keys, maintain_order=True)
         .agg(value=_combine_expr(meter.aggregation), event_count=pl.col("_n").sum())
         .with_columns(pl.col("value").cast(pl.Float64))
         .select(output_columns(meter))

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
+import operator
 import re
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -84,32 +87,56 @@ def parse_jsonl(raw: bytes) -> Parsed:
 
 
 def _parse_jsonl_by_line(raw: bytes) -> Parsed:
-    """Check each line with orjson (strict like Polars: no NaN, no infinities, no BOM, valid UTF-8)."""
-    good: list[bytes] = []
-    good_lines: list[int] = []
+    """Find the malformed lines of a file Polars could not read whole, and read the rest at native speed.
+
+    A cheap test (starts with `{"`, ends with `}`) sets aside the lines that are surely or possibly bad
+    (truncated lines, arrays, plain text, lines with surrounding spaces); only those are checked one by
+    one with orjson (strict like Polars: no NaN, no infinities, valid UTF-8). If the remaining lines still
+    do not read, a bad line passed the cheap test, and every line is checked with orjson.
+    """
+    lines = raw.split(b"\n")
+    shaped = [line.endswith(b"}") and line.startswith(b'{"') for line in lines]
+    likely = list(itertools.compress(range(len(lines)), shaped))
+    good, bad = _check_lines(lines, itertools.compress(range(len(lines)), map(operator.not_, shaped)))
+    try:
+        return _read_lines(lines, sorted(likely + good), bad, raw)
+    except Exception:  # noqa: BLE001 - some line passed the cheap test but is not JSON: check them all
+        good, bad = _check_lines(lines, range(len(lines)))
+    try:
+        return _read_lines(lines, good, bad, raw)
+    except Exception as exc:  # noqa: BLE001 - JSON that Python accepts but Polars does not: never crash the run
+        return _unreadable(f"unreadable JSONL: {str(exc).splitlines()[0][:200]}", "jsonl")
+
+
+def _check_lines(lines: list[bytes], indexes: Iterable[int]) -> tuple[list[int], list[dict]]:
+    """(indexes of lines that hold a JSON object, MALFORMED rows of the others); blank lines are neither."""
+    good: list[int] = []
     bad: list[dict] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    loads = orjson.loads
+    for i in indexes:
+        line = lines[i]
         if not line.strip():
             continue
         try:
-            value = orjson.loads(line)
+            value = loads(line)
         except orjson.JSONDecodeError as exc:
-            bad.append({"line": number, "raw": line.decode("utf-8", "replace"), "message": f"not JSON: {exc}"})
+            bad.append({"line": i + 1, "raw": line.decode("utf-8", "replace"), "message": f"not JSON: {exc}"})
             continue
         if not isinstance(value, dict):
             kind = type(value).__name__
             bad.append(
-                {"line": number, "raw": line.decode("utf-8", "replace"), "message": f"a JSON {kind}, not an object"}
+                {"line": i + 1, "raw": line.decode("utf-8", "replace"), "message": f"a JSON {kind}, not an object"}
             )
             continue
-        good.append(line)
-        good_lines.append(number)
-    try:
-        records = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=ENVELOPE) if good else empty(ENVELOPE)
-    except Exception as exc:  # noqa: BLE001 - JSON that Python accepts but Polars does not: never crash the run
-        return _unreadable(f"unreadable JSONL: {str(exc).splitlines()[0][:200]}", "jsonl")
-    records = records.with_columns(line=pl.Series(good_lines, dtype=pl.Int64))
-    malformed = pl.DataFrame(bad, schema=MALFORMED) if bad else empty(MALFORMED)
+        good.append(i)
+    return good, bad
+
+
+def _read_lines(lines: list[bytes], good: list[int], bad: list[dict], raw: bytes) -> Parsed:
+    text = b"\n".join([lines[i] for i in good])
+    records = pl.read_ndjson(io.BytesIO(text), schema=ENVELOPE) if good else empty(ENVELOPE)
+    records = records.with_columns(line=pl.Series([i + 1 for i in good], dtype=pl.Int64))
+    malformed = pl.DataFrame(sorted(bad, key=lambda r: r["line"]), schema=MALFORMED) if bad else empty(MALFORMED)
     return Parsed(_repair_data(_check_string_types(records, raw), raw), malformed, None, "jsonl", raw)
 
 

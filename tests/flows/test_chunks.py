@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import polars as pl
@@ -54,3 +55,61 @@ def test_small_chunks_equal_one_chunk(tmp_path: Path, monkeypatch: pytest.Monkey
     # the first landed copy won: batch 0's values (tokens = i)
     total = pl.read_parquet(f"{one.root}/usage/tokens_total/period/**/*.parquet")["value"].sum()
     assert total == sum(range(40))
+
+
+def test_one_day_slices_equal_one_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recompute slices own their days' shared files: many slices give the tables of one."""
+    from flows import recompute
+
+    meters = meterset(METERS)
+    one, many = Storage(str(tmp_path / "one")), Storage(str(tmp_path / "many"))
+    _land(one)
+    _land(many)
+    run(one, meters)
+    monkeypatch.setattr(recompute, "SLICE_BYTES", 1)  # every day its own slice
+    run(many, meters)
+    expected, got = all_tables(one, meters), all_tables(many, meters)
+    for name, table in expected.items():
+        assert not table.is_empty() and table.equals(got[name]), name
+
+
+BAD_VALUE = jsonl([event("bad", "2024-01-05T01:00:00Z", data={"tokens": "many", "model": "a"})])
+
+
+def test_backfill_of_one_meter_keeps_the_other_meters_state(tmp_path: Path) -> None:
+    """Day partials and exclusions are shared per day: rebuilding one meter must not drop another's."""
+    meters = meterset(METERS)
+    storage = Storage(str(tmp_path / "root"))
+    _land(storage)
+    land(storage, "bad.jsonl", BAD_VALUE)
+    run(storage, meters)
+    before = all_tables(storage, meters)
+    state_before = _state_rows(storage)
+    pipeline.backfill(storage, meters, dt.date(2024, 1, 1), dt.date(2024, 2, 1), slugs=["latest_tokens"], log=str)
+    assert _state_rows(storage) == state_before  # same rows per (kind, meter) in the shared day files
+    # a late event for January: its period is combined from stored partials of every January day
+    land(storage, "late.jsonl", jsonl([event("late", "2024-01-20T05:00:00Z", data={"tokens": 1000, "model": "a"})]))
+    run(storage, meters)
+    after = all_tables(storage, meters)
+    fresh = Storage(str(tmp_path / "fresh"))
+    _land(fresh)
+    land(fresh, "bad.jsonl", BAD_VALUE)
+    land(fresh, "late.jsonl", jsonl([event("late", "2024-01-20T05:00:00Z", data={"tokens": 1000, "model": "a"})]))
+    run(fresh, meters)
+    expected = all_tables(fresh, meters)
+    for name, table in expected.items():
+        assert table.equals(after[name]), name
+    assert not before["tokens_total/period"].equals(after["tokens_total/period"])
+
+
+def _state_rows(storage: Storage) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for prefix in ("_state/partials", "quarantine/meter"):
+        files = [f.path for f in storage.list_files(prefix, (".parquet",))]
+        rows = storage.read_parquet(files)
+        if "window_start" in rows.columns:  # partial states, without the per-day sentinels of empty days
+            rows = rows.filter(pl.col("window_start").is_not_null())
+        counts = rows.group_by("meter").len().rows()
+        out.update({(prefix, meter): n for meter, n in counts})
+    assert {m for _, m in out} == {"tokens_total", "latest_tokens"}
+    return out

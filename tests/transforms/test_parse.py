@@ -113,6 +113,40 @@ def test_several_malformed_lines() -> None:
     assert parsed.malformed.select("line", "raw").rows() == [(1, "[]"), (3, "{"), (5, "7")]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_mixed_lines_match_a_line_by_line_check(seed: int) -> None:
+    """The fast path (cheap shape test, then one native read) agrees with checking every line alone."""
+    import random
+
+    kinds = [
+        lambda i: line(i),
+        lambda i: "  " + line(i) + " ",  # valid, but fails the cheap shape test
+        lambda i: line(i) + "\r",  # CRLF
+        lambda i: line(i)[: len(line(i)) // 2],  # truncated
+        lambda i: "{" + line(i)[2:],  # broken, but passes the cheap shape test
+        lambda i: "[" + line(i) + "]",
+        lambda i: "",
+        lambda i: "not json",
+    ]
+    rng = random.Random(seed)
+    texts = [rng.choice(kinds)(i) for i in range(200)]
+    parsed = parse_jsonl(jsonl(*texts))
+    expected_good, expected_bad = [], []
+    for number, text in enumerate(texts, start=1):
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            expected_bad.append(number)
+            continue
+        (expected_good if isinstance(value, dict) else expected_bad).append(number)
+    assert parsed.records["line"].to_list() == expected_good
+    assert parsed.records["id"].to_list() == [json.loads(texts[n - 1])["id"] for n in expected_good]
+    assert parsed.malformed["line"].to_list() == expected_bad
+    assert parsed.malformed["raw"].to_list() == [texts[n - 1] for n in expected_bad]
+
+
 def test_file_of_only_malformed_lines() -> None:
     parsed = parse_jsonl(jsonl("nope", "[1]"))
     assert parsed.records.is_empty()

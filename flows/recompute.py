@@ -1,0 +1,331 @@
+"""Rebuilding tables from `events/`: hourly partitions and day partials per slice of days, then periods.
+
+The work splits into independent slices of UTC days (each reads its days' events once, for every
+touched meter, and owns the files of those days) followed by one cheap step that combines the stored
+day partials into billing periods. Slices are what a task runner fans out: they exchange storage
+paths, day lists and row counts, never frames.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from flows.storage import FileInfo, Storage, arrow_for_readers
+from meters import Billing, Meter
+from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
+from transforms.extract import extract, extract_paths
+from transforms.schema import EVENT, QUARANTINE, conform
+from transforms.tables import exclusions, hourly_table, period_from_partials, period_partials
+from transforms.windows import period_dates
+from transforms.windows import period_table as periods_for_dates
+
+EVENTS = "events"
+PARTIALS = "_state/partials"
+SLICE_BYTES = 96 * 2**20  # event files read at once when recomputing: bounds recompute memory
+DAY_COLUMNS = ["id", "source", "type", "subject", "time", "data", "file", "line", "batch", "date"]
+
+
+# --- paths -----------------------------------------------------------------------------------------
+def hourly_file(slug: str, date: str) -> str:
+    return f"usage/{slug}/hourly/date={date}/data.parquet"
+
+
+def period_file(slug: str, period_start: str) -> str:
+    return f"usage/{slug}/period/period_start={period_start}/data.parquet"
+
+
+def partials_file(date: str) -> str:
+    """Partial period states of every meter from the events of one UTC date (column `meter` says whose)."""
+    return f"{PARTIALS}/date={date}/data.parquet"
+
+
+def meter_quarantine_file(date: str) -> str:
+    """Values the meters excluded on one UTC date (column `meter` says which meter)."""
+    return f"quarantine/meter/date={date}/data.parquet"
+
+
+def event_file_infos_by_date(storage: Storage) -> dict[str, list[FileInfo]]:
+    out: dict[str, list[FileInfo]] = {}
+    for f in storage.list_files(EVENTS, (".parquet",)):
+        part = f.path.split("/")[1]
+        if part.startswith("date="):
+            out.setdefault(part[5:], []).append(f)
+    return out
+
+
+# --- planning --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """What a recompute reads and rebuilds; small enough to pass to tasks."""
+
+    slices: list[tuple[list[str], list[str], list[str]]]  # (days read, touched days among them, event files)
+    period_starts: list[str]
+    touched_days: list[str]
+
+
+def plan(storage: Storage, meters: list[Meter], billing: Billing, dates: list[str], local_dates: list[str]) -> Plan:
+    """Touched UTC days, plus days of the affected periods whose stored partials are missing or stale."""
+    touched_days = sorted(set(dates))
+    period_starts = sorted(set(period_bounds(billing, local_dates)["period_start"].to_list()))
+    files = event_file_infos_by_date(storage)
+    stale = _days_without_current_partials(storage, meters, billing, period_starts, set(files))
+    read_days = sorted(set(touched_days) | stale)
+    touched = set(touched_days)
+    slices = [
+        (days, [d for d in days if d in touched], paths)
+        for days, paths in _slices([(d, files.get(d, [])) for d in read_days], SLICE_BYTES)
+    ]
+    return Plan(slices=slices, period_starts=period_starts, touched_days=touched_days)
+
+
+def _slices(days: list[tuple[str, list[FileInfo]]], max_bytes: int) -> list[tuple[list[str], list[str]]]:
+    """Consecutive days grouped into slices of at most `max_bytes` of event files (a day is never split)."""
+    out: list[tuple[list[str], list[str]]] = []
+    size = 0
+    for day, infos in days:
+        day_bytes = sum(f.size for f in infos)
+        if not out or (out[-1][0] and size + day_bytes > max_bytes):
+            out.append(([], []))
+            size = 0
+        out[-1][0].append(day)
+        out[-1][1].extend(f.path for f in infos)
+        size += day_bytes
+    return out
+
+
+def period_bounds(billing: Billing, local_dates: list[str]) -> pl.DataFrame:
+    """The billing periods holding the given local dates, with every local date of each period."""
+    starts = sorted(
+        {period_dates(dt.date.fromisoformat(d), billing.period, billing.anchor_day)[0] for d in local_dates}
+    )
+    days: list[dt.date] = []
+    for first in starts:
+        after = period_dates(first, billing.period, billing.anchor_day)[1]
+        days.extend(first + dt.timedelta(days=i) for i in range((after - first).days))
+    return periods_for_dates(days, billing.period, billing.timezone, billing.anchor_day)
+
+
+def utc_dates(start: dt.datetime, end: dt.datetime) -> list[str]:
+    day, last = start.date(), (end - dt.timedelta(microseconds=1)).date()
+    out = []
+    while day <= last:
+        out.append(day.isoformat())
+        day += dt.timedelta(days=1)
+    return out
+
+
+def _period_days(billing: Billing, period_starts: list[str]) -> set[str]:
+    bounds = period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
+    out: set[str] = set()
+    for row in bounds.select("window_start", "window_end").unique().iter_rows():
+        out |= set(utc_dates(*row))
+    return out
+
+
+def _days_without_current_partials(
+    storage: Storage, meters: list[Meter], billing: Billing, period_starts: list[str], with_events: set[str]
+) -> set[str]:
+    days = _period_days(billing, period_starts) & with_events
+    if not days:
+        return set()
+    files = _stored_partial_files(storage, days)
+    if not files:
+        return days
+    current = storage.scan_parquet(files).select("date", "meter", "fingerprint").unique().collect()
+    have = set(current.iter_rows())
+    return {d for d in days if any((d, m.slug, m.fingerprint()) not in have for m in meters)}
+
+
+def _stored_partial_files(storage: Storage, days: set[str]) -> list[str]:
+    """The partial files of these days that exist (state files: only our locked runs rewrite them)."""
+    have = {f.path for f in storage.list_files(PARTIALS, (".parquet",))}
+    return [p for p in (partials_file(d) for d in sorted(days)) if p in have]
+
+
+def _days_around(day: str) -> list[str]:
+    d = dt.date.fromisoformat(day)
+    return [(d + dt.timedelta(days=i)).isoformat() for i in (-1, 0, 1)]
+
+
+# --- one slice of days -----------------------------------------------------------------------------
+def recompute_days(
+    storage: Storage, meters: list[Meter], billing: Billing, days: list[str], touched: list[str], files: list[str]
+) -> dict[str, dict[str, int]]:
+    """Hourly partitions and excluded values of the `touched` days, and day partials of all `days`.
+
+    One scan of the days' event files serves every meter; extraction runs once per event type and the
+    per-meter aggregations run together. Everything is published before returning, so the caller's
+    memory is one slice. The partial and exclusion files of a day hold every meter: rows of meters not
+    recomputed here are kept as they are.
+    """
+    types = sorted({m.event_type for m in meters})
+    in_touched = pl.col("date").is_in(touched)
+    windows = period_bounds(billing, sorted({d for day in days for d in _days_around(day)}))
+    events = _read_events(storage, files, types)
+    by_type = events.partition_by("type", as_dict=True, include_key=False) if events.height else {}
+    del events
+    present = [t for t in types if (t,) in by_type]
+    paths = dict(
+        zip(
+            present,
+            pl.collect_all(
+                [extract_paths(by_type.pop((t,)).lazy(), _of(meters, t)) for t in present], engine="streaming"
+            ),
+            strict=True,
+        )
+    )
+    counting = [m for m in meters if m.event_type in paths]
+    extracted = dict(
+        zip(
+            [m.slug for m in counting],
+            pl.collect_all([extract(paths[m.event_type].lazy(), m) for m in counting]),
+            strict=True,
+        )
+    )
+    del paths
+    queries: list[pl.LazyFrame] = []
+    for meter in counting:
+        ext = extracted[meter.slug].lazy()
+        queries.append(hourly_table(ext.filter(in_touched), meter))
+        queries.append(exclusions(ext.filter(in_touched), meter))
+        queries.append(period_partials(ext, meter, billing, windows, ("date",)))
+    results = pl.collect_all(queries) if queries else []
+    del extracted
+    existing = _existing_partitions(storage, meters, days)
+    counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
+    hourly = dict(zip([m.slug for m in counting], results[0::3], strict=True))
+    for meter in meters:
+        table = hourly.get(meter.slug, pl.DataFrame())
+        written = publish(storage, table, "date", touched, lambda d, s=meter.slug: hourly_file(s, d), existing)
+        counts[meter.slug]["hourly_rows"] = written
+    excluded = results[1::3]
+    for meter, frame in zip(counting, excluded, strict=True):
+        counts[meter.slug]["excluded"] = frame.height
+    slugs = [m.slug for m in meters]
+    kept = _kept_rows(storage, [meter_quarantine_file(d) for d in touched], existing, slugs, QUARANTINE)
+    rows = _concat([kept, *excluded])
+    publish(storage, rows, "date", touched, meter_quarantine_file, existing, sort=["file", "line", "meter"])
+    packed = [pack_partials(df, m) for m, df in zip(counting, results[2::3], strict=True)]
+    kept = _kept_rows(storage, [partials_file(d) for d in days], existing, slugs, PARTIAL)
+    states = _concat([kept, *[sentinels(m, days) for m in meters], *packed])
+    publish(storage, states, "date", days, partials_file, existing, state=True)
+    return counts
+
+
+def _of(meters: list[Meter], event_type: str) -> list[Meter]:
+    return [m for m in meters if m.event_type == event_type]
+
+
+def _read_events(storage: Storage, files: list[str], types: list[str]) -> pl.DataFrame:
+    if not files:
+        return pl.DataFrame(schema={c: EVENT[c] for c in DAY_COLUMNS})
+    return storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS).collect()
+
+
+def _kept_rows(
+    storage: Storage, paths: list[str], existing: set[str], slugs: list[str], schema: dict[str, pl.DataType]
+) -> pl.DataFrame:
+    """Rows of other meters in the shared per-day files about to be replaced."""
+    found = [p for p in paths if p in existing]
+    if not found:
+        return pl.DataFrame(schema=schema)
+    return conform(storage.read_parquet(found).filter(~pl.col("meter").is_in(slugs)), schema)
+
+
+def sentinels(meter: Meter, days: list[str]) -> pl.DataFrame:
+    """One empty state per day: says the day was computed with this definition, even with no rows."""
+    rows = pl.DataFrame({"date": days, "_n": [0] * len(days)}, schema={"date": pl.String, "_n": pl.Int64})
+    return conform(rows.with_columns(meter=pl.lit(meter.slug), fingerprint=pl.lit(meter.fingerprint())), PARTIAL)
+
+
+def _existing_partitions(storage: Storage, meters: list[Meter], days: list[str]) -> set[str]:
+    """Partition files of these days that exist now: what an empty result must delete, what to merge."""
+    wanted = {f"date={d}" for d in days}
+    found: set[str] = set()
+    for prefix in [*(f"usage/{m.slug}/hourly" for m in meters), "quarantine/meter", PARTIALS]:
+        found.update(f.path for f in storage.list_files(prefix, (".parquet",)) if f.path.split("/")[-2] in wanted)
+    return found
+
+
+# --- billing periods -------------------------------------------------------------------------------
+def recompute_periods(
+    storage: Storage, meters: list[Meter], billing: Billing, period_starts: list[str]
+) -> dict[str, int]:
+    """Each meter's billing periods from the stored day partials of their days: period rows per meter."""
+    stored = stored_partials(storage, billing, period_starts, [m.slug for m in meters])
+    existing = {f.path for m in meters for f in storage.list_files(f"usage/{m.slug}/period", (".parquet",))}
+    tables = pl.collect_all(
+        [period_from_partials(unpack_partials(stored.lazy(), m), m, billing) for m in meters] if stored.height else []
+    )
+    rows: dict[str, int] = {}
+    for i, meter in enumerate(meters):
+        table = tables[i] if tables else pl.DataFrame()
+        path = _period_path(meter.slug)
+        rows[meter.slug] = publish(storage, table, "period_start", period_starts, path, existing)
+    return rows
+
+
+def _period_path(slug: str) -> Callable[[str], str]:
+    return lambda start: period_file(slug, start)
+
+
+def stored_partials(storage: Storage, billing: Billing, period_starts: list[str], slugs: list[str]) -> pl.DataFrame:
+    """The stored day partials of the given meters for the windows of the given periods."""
+    if not period_starts:
+        return pl.DataFrame(schema=PARTIAL)
+    found = _stored_partial_files(storage, _period_days(billing, period_starts))
+    if not found:
+        return pl.DataFrame(schema=PARTIAL)
+    bounds = period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
+    windows = bounds.select("window_start").unique()
+    frame = storage.scan_parquet(found).filter(pl.col("meter").is_in(slugs))
+    return frame.join(windows.lazy(), on="window_start", how="semi").collect()
+
+
+# --- publishing ------------------------------------------------------------------------------------
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+
+
+def publish(
+    storage: Storage,
+    table: pl.DataFrame,
+    key: str,
+    values: list[str],
+    path: Callable[[str], str],
+    existing: set[str],
+    sort: list[str] | None = None,
+    state: bool = False,
+) -> int:
+    """Replace each partition `key=value` with its rows; partitions left empty are deleted.
+
+    Rows keep their order (group-bys keep input order, so the same events give the same files) unless
+    `sort` names columns; they are only regrouped by `key` when a partition's rows are not together.
+    `state` files are only read by meterlake (see `Storage.write_parquet`).
+    """
+    parts: dict[str, tuple[int, int]] = {}
+    if not table.is_empty():
+        if sort:
+            table = table.sort([key, *sort], nulls_last=True, maintain_order=True)
+        runs = table.select(pl.col(key).rle().struct.unnest()).select("value", "len")
+        if runs["value"].n_unique() < runs.height:  # a partition in pieces: bring its rows together
+            table = table.sort(key, maintain_order=True)
+            runs = table.select(pl.col(key).rle().struct.unnest()).select("value", "len")
+        at = 0
+        for value, length in runs.iter_rows():
+            parts[str(value)] = (at, length)
+            at += length
+    stray = sorted(set(parts) - set(values))
+    if stray:
+        raise ValueError(f"rows outside the partitions being replaced: {stray[:3]}")
+    whole = table if state or not parts else arrow_for_readers(table)  # convert once, write slices
+    writes = [(path(v), whole.slice(*parts[v])) for v in values if v in parts]
+    deletes = [path(v) for v in values if v not in parts and path(v) in existing]
+    storage.write_parquet_many(writes, state=state)
+    storage.delete(deletes)
+    return sum(parts[v][1] for v in values if v in parts)
