@@ -266,8 +266,9 @@ def _ingest_chunk(
 
 
 def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
-    """One file per UTC date, sorted by type so each meter's scan skips other types' row groups."""
-    ordered = kept.sort("date", "type", "subject", "time")
+    """One file per UTC date, rows in landing order: tables built from them keep that order, so the same
+    events give the same files."""
+    ordered = kept.sort("date", maintain_order=True)
     table = arrow_for_readers(ordered)  # converted once; each date is a zero-copy slice
     items, at = [], 0
     for day, length in ordered.select(pl.col("date").rle().struct.unnest()).select("value", "len").iter_rows():
@@ -279,6 +280,8 @@ def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
 def dedupe_against_store(storage: Storage, new: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """`dedupe` with the stored keys of one UTC date at a time (memory follows a day, not the history)."""
     by_date = event_files_by_date(storage)
+    if not set(by_date) & set(new["date"].unique().to_list()):  # nothing stored on these dates yet
+        return dedupe(new)
     kept_parts, dup_parts = [], []
     for (day,), part in new.with_row_index("_landing").group_by(["date"], maintain_order=True):
         files = by_date.get(str(day), [])

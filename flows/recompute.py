@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
+import pyarrow as pa
 
 from flows.storage import FileInfo, Storage, arrow_for_readers
 from meters import Billing, Meter
 from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
 from transforms.extract import extract, extract_paths
 from transforms.schema import EVENT, QUARANTINE, conform
-from transforms.tables import exclusions, hourly_table, period_from_partials, period_partials
+from transforms.tables import exclusions, hourly_table, period_from_partials, period_partials, with_windows
 from transforms.windows import period_dates
 from transforms.windows import period_table as periods_for_dates
 
@@ -173,7 +174,11 @@ def recompute_days(
         zip(
             present,
             pl.collect_all(
-                [extract_paths(by_type.pop((t,)).lazy(), _of(meters, t)) for t in present], engine="streaming"
+                [
+                    with_windows(extract_paths(by_type.pop((t,)).lazy(), _of(meters, t)), billing, windows)
+                    for t in present
+                ],
+                engine="streaming",  # row-wise JSON extraction spreads over every core
             ),
             strict=True,
         )
@@ -211,7 +216,7 @@ def recompute_days(
     publish(storage, rows, "date", touched, meter_quarantine_file, existing, sort=["file", "line", "meter"])
     packed = [pack_partials(df, m) for m, df in zip(counting, results[2::3], strict=True)]
     kept = _kept_rows(storage, [partials_file(d) for d in days], existing, slugs, PARTIAL)
-    states = _concat([kept, *[sentinels(m, days) for m in meters], *packed])
+    states = [kept, *[sentinels(m, days) for m in meters], *packed]  # each in date order
     publish(storage, states, "date", days, partials_file, existing, state=True)
     return counts
 
@@ -294,7 +299,7 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 def publish(
     storage: Storage,
-    table: pl.DataFrame,
+    table: pl.DataFrame | list[pl.DataFrame],
     key: str,
     values: list[str],
     path: Callable[[str], str],
@@ -305,27 +310,36 @@ def publish(
     """Replace each partition `key=value` with its rows; partitions left empty are deleted.
 
     Rows keep their order (group-bys keep input order, so the same events give the same files) unless
-    `sort` names columns; they are only regrouped by `key` when a partition's rows are not together.
+    `sort` names columns. A list of frames (same columns) is published as their concatenation, without
+    copying them into one frame first: a partition's file is the slices of each frame holding its key.
     `state` files are only read by meterlake (see `Storage.write_parquet`).
     """
-    parts: dict[str, tuple[int, int]] = {}
-    if not table.is_empty():
+    pieces: dict[str, list] = {}
+    for frame in table if isinstance(table, list) else [table]:
+        if frame.is_empty():
+            continue
         if sort:
-            table = table.sort([key, *sort], nulls_last=True, maintain_order=True)
-        runs = table.select(pl.col(key).rle().struct.unnest()).select("value", "len")
+            frame = frame.sort([key, *sort], nulls_last=True, maintain_order=True)
+        runs = frame.select(pl.col(key).rle().struct.unnest()).select("value", "len")
         if runs["value"].n_unique() < runs.height:  # a partition in pieces: bring its rows together
-            table = table.sort(key, maintain_order=True)
-            runs = table.select(pl.col(key).rle().struct.unnest()).select("value", "len")
+            frame = frame.sort(key, maintain_order=True)
+            runs = frame.select(pl.col(key).rle().struct.unnest()).select("value", "len")
+        whole = frame if state else arrow_for_readers(frame)  # converted once; partitions are zero-copy slices
         at = 0
         for value, length in runs.iter_rows():
-            parts[str(value)] = (at, length)
+            pieces.setdefault(str(value), []).append(whole.slice(at, length))
             at += length
-    stray = sorted(set(parts) - set(values))
+    stray = sorted(set(pieces) - set(values))
     if stray:
         raise ValueError(f"rows outside the partitions being replaced: {stray[:3]}")
-    whole = table if state or not parts else arrow_for_readers(table)  # convert once, write slices
-    writes = [(path(v), whole.slice(*parts[v])) for v in values if v in parts]
-    deletes = [path(v) for v in values if v not in parts and path(v) in existing]
+    writes = [(path(v), _joined(pieces[v])) for v in values if v in pieces]
+    deletes = [path(v) for v in values if v not in pieces and path(v) in existing]
     storage.write_parquet_many(writes, state=state)
     storage.delete(deletes)
-    return sum(parts[v][1] for v in values if v in parts)
+    return sum(len(part) for _, part in writes)
+
+
+def _joined(parts: list) -> pl.DataFrame | pa.Table:
+    if len(parts) == 1:
+        return parts[0]
+    return pl.concat(parts, how="vertical_relaxed") if isinstance(parts[0], pl.DataFrame) else pa.concat_tables(parts)

@@ -18,19 +18,18 @@ def dedupe(new: pl.DataFrame, existing_keys: pl.DataFrame | None = None) -> tupl
     columns of events already stored for the dates `new` touches.
     """
     ordered = new.with_row_index("_order")
-    first = pl.col("_order") == pl.col("_order").min().over(KEY)
+    first = pl.struct(KEY).is_first_distinct()
     kept = ordered.filter(first)
     dup_in_run = ordered.filter(~first).with_columns(_dup=pl.lit("an earlier copy in this run"))
-    if existing_keys is not None and not existing_keys.is_empty():
-        seen = existing_keys.select(KEY).unique().with_columns(_seen=pl.lit(True))
-        kept = kept.join(seen, on=KEY, how="left", nulls_equal=False)
-        dup_stored = (
-            kept.filter(pl.col("_seen").is_not_null())
-            .drop("_seen")
-            .with_columns(_dup=pl.lit("already in the curated store"))
-        )
-        kept = kept.filter(pl.col("_seen").is_null()).drop("_seen")
-        dups = pl.concat([dup_in_run, dup_stored])
-    else:
-        dups = dup_in_run
+    if existing_keys is None or existing_keys.is_empty():
+        return kept.drop("_order"), dup_in_run.drop("_order")  # filters keep the landing order
+    seen = existing_keys.select(KEY).unique().with_columns(_seen=pl.lit(True))
+    kept = kept.join(seen, on=KEY, how="left", nulls_equal=False)
+    dup_stored = (
+        kept.filter(pl.col("_seen").is_not_null())
+        .drop("_seen")
+        .with_columns(_dup=pl.lit("already in the curated store"))
+    )
+    kept = kept.filter(pl.col("_seen").is_null()).drop("_seen")
+    dups = pl.concat([dup_in_run, dup_stored])
     return kept.sort("_order").drop("_order"), dups.sort("_order").drop("_order")

@@ -36,6 +36,23 @@ MALFORMED = {"line": pl.Int64, "raw": pl.String, "message": pl.String}
 _UNSAFE_ESCAPE = re.compile(rb"\\(?:[\\tbf]|u00[01][0-9a-fA-F])")
 
 
+class Lines:
+    """The lines of a JSONL text, split once on first use (several steps quote lines by number)."""
+
+    def __init__(self, raw: bytes, lines: list[bytes] | None = None) -> None:
+        self.raw = raw
+        self._lines = lines
+
+    def all(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = self.raw.split(b"\n")
+        return self._lines
+
+    def __getitem__(self, number: int) -> bytes:
+        """Line `number`, counting from 1."""
+        return self.all()[number - 1]
+
+
 @dataclass(frozen=True)
 class Parsed:
     """Records (ENVELOPE + line, one row per record) and what could not be parsed."""
@@ -44,7 +61,7 @@ class Parsed:
     malformed: pl.DataFrame  # MALFORMED rows: lines that are not a JSON object
     unreadable: str | None  # why the whole file could not be read, if it could not
     kind: str  # "jsonl" or "parquet"
-    content: bytes = b""  # the decompressed JSONL text, to quote rejected lines exactly
+    lines: Lines | None = None  # the decompressed JSONL text, to quote rejected lines exactly
 
 
 def parse_batch(raw: bytes, name: str) -> Parsed:
@@ -83,7 +100,8 @@ def parse_jsonl(raw: bytes) -> Parsed:
             return _parse_jsonl_by_line(raw)
         lines = pl.Series(numbers, dtype=pl.Int64)
     records = records.with_columns(line=lines)
-    return Parsed(_repair_data(_check_string_types(records, raw), raw), empty(MALFORMED), None, "jsonl", raw)
+    text = Lines(raw)
+    return Parsed(_repair_data(_check_string_types(records, text), text), empty(MALFORMED), None, "jsonl", text)
 
 
 def _parse_jsonl_by_line(raw: bytes) -> Parsed:
@@ -99,11 +117,11 @@ def _parse_jsonl_by_line(raw: bytes) -> Parsed:
     likely = list(itertools.compress(range(len(lines)), shaped))
     good, bad = _check_lines(lines, itertools.compress(range(len(lines)), map(operator.not_, shaped)))
     try:
-        return _read_lines(lines, sorted(likely + good), bad, raw)
+        return _read_lines(Lines(raw, lines), sorted(likely + good), bad)
     except Exception:  # noqa: BLE001 - some line passed the cheap test but is not JSON: check them all
         good, bad = _check_lines(lines, range(len(lines)))
     try:
-        return _read_lines(lines, good, bad, raw)
+        return _read_lines(Lines(raw, lines), good, bad)
     except Exception as exc:  # noqa: BLE001 - JSON that Python accepts but Polars does not: never crash the run
         return _unreadable(f"unreadable JSONL: {str(exc).splitlines()[0][:200]}", "jsonl")
 
@@ -132,24 +150,25 @@ def _check_lines(lines: list[bytes], indexes: Iterable[int]) -> tuple[list[int],
     return good, bad
 
 
-def _read_lines(lines: list[bytes], good: list[int], bad: list[dict], raw: bytes) -> Parsed:
-    text = b"\n".join([lines[i] for i in good])
-    records = pl.read_ndjson(io.BytesIO(text), schema=ENVELOPE) if good else empty(ENVELOPE)
-    records = records.with_columns(line=pl.Series([i + 1 for i in good], dtype=pl.Int64))
+def _read_lines(text: Lines, good: list[int], bad: list[dict]) -> Parsed:
+    lines = text.all()
+    records = pl.read_ndjson(io.BytesIO(b"\n".join([lines[i] for i in good])), schema=ENVELOPE) if good else None
+    records = (records if records is not None else empty(ENVELOPE)).with_columns(
+        line=pl.Series([i + 1 for i in good], dtype=pl.Int64)
+    )
     malformed = pl.DataFrame(sorted(bad, key=lambda r: r["line"]), schema=MALFORMED) if bad else empty(MALFORMED)
-    return Parsed(_repair_data(_check_string_types(records, raw), raw), malformed, None, "jsonl", raw)
+    return Parsed(_repair_data(_check_string_types(records, text), text), malformed, None, "jsonl", text)
 
 
-def _check_string_types(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
+def _check_string_types(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
     """Null out attributes that were JSON numbers, booleans, objects or arrays (Polars stringifies them)."""
     suspects = records.filter(pl.any_horizontal(pl.col(a).str.contains(_MAYBE_NOT_STRING) for a in STRING_ATTRS))
     if suspects.is_empty():
         return records
-    all_lines = raw.split(b"\n")
     fixes: dict[str, list[int]] = {a: [] for a in STRING_ATTRS}
     for number in suspects["line"].to_list():
         try:
-            value = orjson.loads(all_lines[number - 1])
+            value = orjson.loads(lines[number])
         except orjson.JSONDecodeError:  # Polars read it; orjson is stricter (e.g. integers past 64 bits)
             continue
         for attr in STRING_ATTRS:
@@ -162,14 +181,13 @@ def _check_string_types(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
     )
 
 
-def _repair_data(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
+def _repair_data(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
     """Re-encode `data` (orjson, compact) on lines whose text has an escape Polars would write back raw."""
-    if not _UNSAFE_ESCAPE.search(raw):
+    if not _UNSAFE_ESCAPE.search(lines.raw):
         return records
-    all_lines = raw.split(b"\n")
     fixed: dict[int, str] = {}
     for number in records["line"].to_list():
-        line = all_lines[number - 1]
+        line = lines[number]
         if not _UNSAFE_ESCAPE.search(line):
             continue
         try:
@@ -186,12 +204,9 @@ def _repair_data(records: pl.DataFrame, raw: bytes) -> pl.DataFrame:
     )
 
 
-def line_texts(raw: bytes, numbers: list[int]) -> dict[int, str]:
+def line_texts(lines: Lines, numbers: list[int]) -> dict[int, str]:
     """The exact text of the given 1-based lines, for quarantine rows."""
-    if not numbers:
-        return {}
-    lines = raw.split(b"\n")
-    return {n: lines[n - 1].decode("utf-8", "replace") for n in numbers}
+    return {n: lines[n].decode("utf-8", "replace") for n in numbers}
 
 
 def parse_parquet(raw: bytes) -> Parsed:
@@ -240,7 +255,7 @@ def _data_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
 
 def with_raw_text(rejects: pl.DataFrame, parsed: Parsed) -> pl.DataFrame:
     """Fill the `raw` column of rejected records with the exact source line (JSONL) or row JSON (Parquet)."""
-    if rejects.is_empty() or parsed.kind != "jsonl":
+    if rejects.is_empty() or parsed.kind != "jsonl" or parsed.lines is None:
         return rejects
-    texts = line_texts(parsed.content, rejects["line"].to_list())
+    texts = line_texts(parsed.lines, rejects["line"].to_list())
     return rejects.with_columns(raw=pl.Series([texts[n] for n in rejects["line"].to_list()], dtype=pl.String))

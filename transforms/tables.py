@@ -7,15 +7,39 @@ import polars as pl
 from meters import Billing, Meter
 from transforms.aggregate import aggregate, combine_partials, partial_aggregate
 from transforms.extract import EXCLUSION_MESSAGES
-from transforms.schema import QUARANTINE
+from transforms.schema import QUARANTINE, WINDOW
 from transforms.windows import hour_start, local_date
+
+
+def with_windows(events: pl.LazyFrame, billing: Billing, periods: pl.DataFrame) -> pl.LazyFrame:
+    """Each event's hour and billing-period window, computed once for all the meters of its event type.
+
+    `hourly_table` and `period_partials` use these columns when present (null period: no period given).
+    """
+    hour = hour_start(pl.col("time"))
+    day = local_date(pl.col("time"), billing.timezone)
+    starts = dict(zip(periods["local_date"], periods["window_start"], strict=True))
+    ends = dict(zip(periods["local_date"], periods["window_end"], strict=True))
+    return events.with_columns(
+        _hour_start=hour,
+        _hour_end=hour.dt.offset_by("1h"),
+        _period_start=day.replace_strict(starts, default=None, return_dtype=WINDOW),
+        _period_end=day.replace_strict(ends, default=None, return_dtype=WINDOW),
+    )
+
+
+def _has(frame: pl.LazyFrame, column: str) -> bool:
+    return column in frame.collect_schema()
 
 
 def hourly_table(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
     """UTC-hour windows, with the `date` partition key (UTC date) stored as a column too."""
-    windowed = extracted.with_columns(window_start=hour_start(pl.col("time"))).with_columns(
-        window_end=pl.col("window_start").dt.offset_by("1h")
-    )
+    if _has(extracted, "_hour_start"):
+        windowed = extracted.with_columns(window_start=pl.col("_hour_start"), window_end=pl.col("_hour_end"))
+    else:
+        windowed = extracted.with_columns(window_start=hour_start(pl.col("time"))).with_columns(
+            window_end=pl.col("window_start").dt.offset_by("1h")
+        )
     return aggregate(windowed, meter).with_columns(date=pl.col("window_start").dt.strftime("%Y-%m-%d"))
 
 
@@ -29,6 +53,10 @@ def period_table(extracted: pl.LazyFrame, meter: Meter, billing: Billing, period
 
 
 def _period_windows(extracted: pl.LazyFrame, billing: Billing, periods: pl.DataFrame) -> pl.LazyFrame:
+    if _has(extracted, "_period_start"):
+        return extracted.filter(pl.col("_period_start").is_not_null()).with_columns(
+            window_start=pl.col("_period_start"), window_end=pl.col("_period_end")
+        )
     return extracted.with_columns(local_date=local_date(pl.col("time"), billing.timezone)).join(
         periods.lazy().select("local_date", "window_start", "window_end"), on="local_date", how="inner"
     )
