@@ -30,7 +30,7 @@ LANDING = "landing"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
 FAN_GROUP = 4  # slices of days submitted at once to a task runner (bounds memory with threads)
-CHUNK_BYTES = 256 * 2**20  # landed bytes parsed at once: bounds ingest memory
+CHUNK_BYTES = 256 * 2**20  # JSON text parsed at once (see json_bytes): bounds ingest memory
 
 
 class Runner:
@@ -183,16 +183,28 @@ def touched_by(events: pl.DataFrame, billing: Billing) -> dict[str, dict[str, li
     return {r["type"]: {"dates": r["date"], "local_dates": r["local"]} for r in per.to_dicts()}
 
 
+# Landed bytes to the JSON text they hold, roughly (measured on the bench data: Parquet ~11x, gzip ~8x):
+# a chunk's memory follows the records it holds, not its compressed size.
+EXPANSION = {".parquet": 10, ".gz": 8}
+
+
+def json_bytes(info: FileInfo) -> int:
+    """About how many bytes of JSON text a landed batch holds."""
+    lower = info.path.lower()
+    return info.size * next((f for suffix, f in EXPANSION.items() if lower.endswith(suffix)), 1)
+
+
 def chunk_batches(batches: list[FileInfo], max_bytes: int) -> list[list[FileInfo]]:
-    """Consecutive groups of batches (landing order kept) of at most `max_bytes` input each."""
+    """Consecutive groups of batches (landing order kept) of at most `max_bytes` of JSON text each."""
     chunks: list[list[FileInfo]] = []
     size = 0
     for info in batches:
-        if not chunks or (size + info.size > max_bytes and chunks[-1]):
+        weight = json_bytes(info)
+        if not chunks or (size + weight > max_bytes and chunks[-1]):
             chunks.append([])
             size = 0
         chunks[-1].append(info)
-        size += info.size
+        size += weight
     return chunks
 
 

@@ -26,6 +26,13 @@ def test_chunk_batches_keeps_order_and_bounds_size() -> None:
     assert [[f.path for f in c] for c in chunks] == [["f0", "f1"], ["f2"], ["f3"], ["f4", "f5"]]
 
 
+def test_chunks_weigh_compressed_batches_by_the_text_they_hold() -> None:
+    files = [FileInfo("a.parquet", 10, 0.0), FileInfo("b.jsonl", 10, 1.0), FileInfo("c.jsonl.gz", 10, 2.0)]
+    assert [pipeline.json_bytes(f) for f in files] == [100, 10, 80]
+    chunks = pipeline.chunk_batches(files, max_bytes=100)
+    assert [[f.path for f in c] for c in chunks] == [["a.parquet"], ["b.jsonl", "c.jsonl.gz"]]
+
+
 def _land(storage: Storage) -> None:
     for b in range(6):
         events = [
