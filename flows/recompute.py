@@ -170,19 +170,8 @@ def recompute_days(
     by_type = events.partition_by("type", as_dict=True, include_key=False) if events.height else {}
     del events
     present = [t for t in types if (t,) in by_type]
-    paths = dict(
-        zip(
-            present,
-            pl.collect_all(
-                [
-                    with_windows(extract_paths(by_type.pop((t,)).lazy(), _of(meters, t)), billing, windows)
-                    for t in present
-                ],
-                engine="streaming",  # row-wise JSON extraction spreads over every core
-            ),
-            strict=True,
-        )
-    )
+    paths = dict(zip(present, _extract_all(by_type, present, meters, billing, windows), strict=True))
+    del by_type
     counting = [m for m in meters if m.event_type in paths]
     extracted = dict(
         zip(
@@ -219,6 +208,24 @@ def recompute_days(
     states = [kept, *[sentinels(m, days) for m in meters], *packed]  # each in date order
     publish(storage, states, "date", days, partials_file, existing, state=True)
     return counts
+
+
+def _extract_all(
+    by_type: dict, types: list[str], meters: list[Meter], billing: Billing, windows: pl.DataFrame
+) -> list[pl.DataFrame]:
+    """Path columns and windows of every type's events, collected together (the streaming engine spreads
+    the row-wise JSON work over every core). Numeric value paths are decoded in one parse per event; an
+    object or array where a number belongs makes the decoder fail, and then every path is matched."""
+
+    def queries(decode: bool) -> list[pl.LazyFrame]:
+        return [
+            with_windows(extract_paths(by_type[(t,)].lazy(), _of(meters, t), decode), billing, windows) for t in types
+        ]
+
+    try:
+        return pl.collect_all(queries(decode=True), engine="streaming")
+    except pl.exceptions.ComputeError:
+        return pl.collect_all(queries(decode=False), engine="streaming")
 
 
 def _of(meters: list[Meter], event_type: str) -> list[Meter]:

@@ -267,6 +267,7 @@ def test_an_invalid_value_excludes_the_event_from_that_meter_only(tmp_path: Path
                 event("ok", "2024-01-10T10:00:00Z", data={"tokens": "12.5"}),
                 event("bad", "2024-01-10T10:00:00Z", data={"tokens": "twelve"}),
                 event("nan", "2024-01-10T10:00:00Z", data={"tokens": "NaN"}),
+                event("object", "2024-01-10T10:00:00Z", data={"tokens": {"n": 3}}),  # defeats the decoder
                 event("null", "2024-01-10T10:00:00Z", data={"tokens": None}),
                 event("none", "2024-01-10T10:00:00Z", data={"model": "a"}),
                 event("nodata", "2024-01-10T10:00:00Z"),
@@ -276,7 +277,7 @@ def test_an_invalid_value_excludes_the_event_from_that_meter_only(tmp_path: Path
     )
     quiet_run(storage)
     assert table(storage, "tokens_total")["value"].to_list() == [12.5]
-    assert table(storage, "prompts")["value"].to_list() == [6.0]  # every prompt event counts
+    assert table(storage, "prompts")["value"].to_list() == [7.0]  # every prompt event counts
     q = quarantine(storage).filter(pl.col("stage") == "meter").sort("event_id")
     assert q.select("event_id", "meter", "reason").rows() == [
         ("bad", "tokens_total", "bad_value"),
@@ -284,6 +285,7 @@ def test_an_invalid_value_excludes_the_event_from_that_meter_only(tmp_path: Path
         ("nodata", "tokens_total", "missing_value"),
         ("none", "tokens_total", "missing_value"),
         ("null", "tokens_total", "missing_value"),
+        ("object", "tokens_total", "bad_value"),
     ]
     assert q.filter(pl.col("event_id") == "bad")["line"].to_list() == [2]
     assert "nometer" in events(storage)["type"].to_list()  # kept, moves no meter

@@ -453,3 +453,87 @@ def test_dedupe_of_validated_events_uses_the_utc_date() -> None:
     assert kept.select("id", "date").rows() == [("x", "2024-01-01"), ("y", "2024-01-01"), ("y", "2024-01-02")]
     assert json.loads(kept["data"][0]) == {"v": 1}
     assert dups.select("id", "line").rows() == [("x", 2)]
+
+
+# --- one JSON parse per event for numeric value paths (extract_paths(decode=True)) ---------------------
+TRICKY_VALUES = [
+    1,
+    -12,
+    0,
+    3.0,
+    1.5,
+    -0.0,
+    0.1,
+    1e3,
+    1e-7,
+    2.5e-7,
+    1e20,
+    1.7976931348623157e308,
+    5e-324,
+    12345678901234567890,
+    123456789012345678901234567890,
+    "12",
+    " 12",
+    "1e3",
+    "-.5",
+    "0x10",
+    "",
+    "abc",
+    True,
+    False,
+    None,
+    ABSENT,
+    "NaN",
+    "Infinity",
+    "\u00e9",
+    "1,5",
+]
+
+
+@pytest.mark.parametrize("aggregation", ["SUM", "MAX", "LATEST"])
+@pytest.mark.parametrize("path", ["$.v", "$.n.v", "$['v']"])
+def test_decoded_value_paths_give_the_same_values_and_exclusions(aggregation: str, path: str) -> None:
+    from transforms.extract import extract_paths
+
+    def doc(value):
+        inner = {} if value is ABSENT else {"v": value}
+        return {"data": {**inner, "n": inner, "g": "x"}}
+
+    meter = make_meter(aggregation, path, group_by={"g": "$.g"})
+    undecodable = []
+    for value in TRICKY_VALUES:
+        frame = events(doc(value))
+        out = {}
+        for decode in (True, False):
+            try:
+                paths = extract_paths(frame, [meter], decode=decode).collect()
+            except pl.exceptions.ComputeError:  # callers collect again with decode=False
+                undecodable.append(value)
+                break
+            out[decode] = extract(paths.lazy(), meter).select("id", "value", "excluded", "g").collect()
+        else:
+            assert_frame_equal(out[True], out[False])
+    # only a number whose canonical text is hundreds of digits long defeats the decoder (seen: the largest double)
+    assert undecodable == [1.7976931348623157e308]
+
+
+@pytest.mark.parametrize("value", [{"x": 1}, [1, 2]])
+def test_decoding_an_object_where_a_value_is_expected_fails_so_callers_fall_back(value) -> None:
+    from transforms.extract import extract_paths
+
+    frame = events(with_value(1), with_value(value))
+    with pytest.raises(pl.exceptions.PolarsError):
+        extract_paths(frame, [make_meter("SUM")], decode=True).collect()
+    paths = extract_paths(frame, [make_meter("SUM")], decode=False).collect()
+    assert extract(paths.lazy(), make_meter("SUM")).collect()["excluded"].to_list() == [None, "bad_value"]
+
+
+def test_group_and_unique_count_paths_keep_their_exact_text() -> None:
+    from transforms.extract import extract_paths, path_column
+
+    meters = [make_meter("SUM", "$.v", {"k": "$.k"}), make_meter("UNIQUE_COUNT", "$.u", slug="u")]
+    doc = '{"v": 1e3, "k": 3.0, "u": 2.5e-7}'  # e.g. Parquet struct data, not canonicalised by the JSONL reader
+    paths = extract_paths(pl.LazyFrame({"data": [doc]}), meters, decode=True).collect()
+    assert paths[path_column("$.k")].to_list() == ["3.0"]  # json_path_match text, not the decoder's "3"
+    assert paths[path_column("$.u")].to_list() == ["2.5e-7"]
+    assert paths[path_column("$.v")].cast(pl.Float64).to_list() == [1000.0]  # decoded: same number
