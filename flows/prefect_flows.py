@@ -2,14 +2,21 @@
 
 Tasks receive the Storage handle, meter dataclasses, paths and small summaries; frames never cross a
 task boundary, and caching is off (a path-keyed cache would skip a re-landed batch).
+
+`run_hourly` and `run_backfill` are how the command line starts a flow run (deployment runs call the
+flows directly); the fixed cost of a run with nothing new is measured by `bench/fixed_cost.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -18,21 +25,29 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import (
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    get_current_settings,
+    temporary_settings,
+)
 
 from flows import pipeline
 from flows.storage import Storage
-from meters import load_meters_file
+from meters import MeterSet, load_meters_file, parse_meters
 
 RETRY_DELAYS = [1, 5, 15]
+# Prefect waits 20 s by default for its temporary server; a first start (new PREFECT_HOME, database
+# migrations) took 20-30 s on a busy 2-core machine, so a run started from the command line waits longer.
+TEMPORARY_SERVER_STARTUP_TIMEOUT = 120
 
 
 class PrefectRunner(pipeline.Runner):
     """Each step a Prefect task with retries (every step is safe to repeat); fans are submitted
     concurrently to the flow's task runner: threads by default, a Dask cluster with `DaskTaskRunner`."""
 
-    combine = False  # event types are separate tasks, so they run concurrently (threads or Dask)
-
     @staticmethod
+    @functools.lru_cache(maxsize=64)  # one Task per step, built once per process (not once per run)
     def _task(name: str, fn: Any) -> Any:
         return task(fn, name=name, retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE)
 
@@ -58,6 +73,92 @@ def task_runner(dask_address: str | None = None, workers: int | None = None) -> 
         return DaskTaskRunner(address=dask_address)
     cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
     return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+_PARSED: dict[str, tuple[str, MeterSet]] = {}
+
+
+def load_meters(path: str) -> MeterSet:
+    """`load_meters_file`, parsed once per content of the file in this process.
+
+    The command line checks the meters file before it starts a flow run, then the flow reads it again:
+    the second read compares the text and reuses the parsed set (parsing data/meters.yaml takes 0.13 s).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return load_meters_file(path)  # raises its one-line MeterConfigError
+    cached = _PARSED.get(path)
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    meterset = parse_meters(text, str(Path(path)))
+    _PARSED[path] = (text, meterset)
+    return meterset
+
+
+class MeterlakeFlow(Flow):
+    """A Flow whose parameters (text, numbers, dates, lists of them) are serialised without FastAPI.
+
+    Prefect stores a flow run's parameters through FastAPI's `jsonable_encoder`, whose first import costs
+    0.3-0.7 s per process; for these types it returns exactly what `_json_parameter` returns (tested).
+    Anything else goes through Prefect's own method.
+    """
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {key: _json_parameter(value) for key, value in parameters.items()}
+        except TypeError:
+            return super().serialize_parameters(parameters)
+
+
+def _json_parameter(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, dt.date):  # datetime included: isoformat, as jsonable_encoder
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        return [_json_parameter(v) for v in value]
+    raise TypeError(type(value).__name__)
+
+
+def flow(**options: Any) -> Any:
+    return lambda fn: MeterlakeFlow(fn, **options)
+
+
+def will_start_temporary_server() -> bool:
+    """True when a flow run in this process would start Prefect's temporary server (no API URL set)."""
+    settings = get_current_settings()
+    return not settings.api.url and settings.server.ephemeral.enabled
+
+
+def needs_api_url() -> bool:
+    """True when a flow run cannot start: no API URL and Prefect's temporary server is disabled."""
+    settings = get_current_settings()
+    return not settings.api.url and not settings.server.ephemeral.enabled
+
+
+@contextlib.contextmanager
+def command_line_settings() -> Iterator[None]:
+    """Settings for a flow run started from the command line; deployment runs keep Prefect's.
+
+    Two defaults change, and only when the user set neither (environment or Prefect profile):
+    - flow-run heartbeats are off. They exist so that an automation can mark a run Crashed when its process
+      vanishes without a word; a command-line run is watched by whoever started it (exit code, cron, Job
+      status), its lock in `_state/` expires and the next run rolls it back. They cost 0.7-0.9 s per run:
+      Prefect joins the heartbeat thread, which sleeps in 1 s steps. Set PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+      (e.g. 180) to keep them.
+    - the wait for Prefect's temporary server is raised to TEMPORARY_SERVER_STARTUP_TIMEOUT seconds.
+    """
+    settings = get_current_settings()
+    ephemeral = settings.server.ephemeral
+    updates: dict[Any, Any] = {}
+    if "heartbeat_frequency" not in settings.flows.model_fields_set:
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    if will_start_temporary_server() and "startup_timeout_seconds" not in ephemeral.model_fields_set:
+        timeout = max(ephemeral.startup_timeout_seconds, TEMPORARY_SERVER_STARTUP_TIMEOUT)
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = timeout
+    with temporary_settings(updates=updates):
+        yield
 
 
 def _top_tables(storage: Storage, summary: dict) -> None:
@@ -96,7 +197,7 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     scheduled = flow_run.scheduled_start_time
     logger.info("meterlake hourly run (scheduled for %s) on %s", scheduled, root)
     storage = Storage(root)
-    summary = pipeline.run(storage, load_meters_file(meters), runner=PREFECT, log=logger.info, now=scheduled)
+    summary = pipeline.run(storage, load_meters(meters), runner=PREFECT, log=logger.info, now=scheduled)
     _artifacts(summary)
     _top_tables(storage, summary)
     return summary
@@ -121,7 +222,7 @@ def backfill_flow(
 
     summary = pipeline.backfill(
         storage,
-        load_meters_file(meters),
+        load_meters(meters),
         start,
         end,
         slugs=meter or None,
@@ -138,10 +239,12 @@ def run_hourly(root: str, meters: str, dask_address: str | None = None, workers:
     """Run the hourly flow, on a Dask cluster when asked (tables are identical either way)."""
     runner = task_runner(dask_address, workers)
     flow_fn = hourly_flow if runner is None else hourly_flow.with_options(task_runner=runner)
-    return flow_fn(root=root, meters=meters)
+    with command_line_settings():
+        return flow_fn(root=root, meters=meters)
 
 
 def run_backfill(dask_address: str | None = None, workers: int | None = None, **params: Any) -> dict:
     runner = task_runner(dask_address, workers)
     flow_fn = backfill_flow if runner is None else backfill_flow.with_options(task_runner=runner)
-    return flow_fn(**params)
+    with command_line_settings():
+        return flow_fn(**params)
