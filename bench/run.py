@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
-    work = out / "work"
+    work = out / f"work-{os.getpid()}"  # per process: two benchmarks sharing --out must not clear each other's
     rmtree(work)
     work.mkdir(parents=True)
     os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
