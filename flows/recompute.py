@@ -136,7 +136,8 @@ def _days_without_current_partials(
     files = _stored_partial_files(storage, days)
     if not files:
         return days
-    current = storage.scan_parquet(files).select("date", "meter", "fingerprint").unique().collect()
+    sentinel_rows = storage.scan_parquet(files).filter(pl.col("window_start").is_null())  # skipped by statistics
+    current = sentinel_rows.select("date", "meter", "fingerprint").unique().collect(engine="streaming")
     have = set(current.iter_rows())
     return {d for d in days if any((d, m.slug, m.fingerprint()) not in have for m in meters)}
 
@@ -205,7 +206,10 @@ def recompute_days(
     publish(storage, rows, "date", touched, meter_quarantine_file, existing, sort=["file", "line", "meter"])
     packed = [pack_partials(df, m) for m, df in zip(counting, results[2::3], strict=True)]
     kept = _kept_rows(storage, [partials_file(d) for d in days], existing, slugs, PARTIAL)
-    states = [kept, *[sentinels(m, days) for m in meters], *packed]  # each in date order
+    marks = pl.col("window_start").is_null()
+    # Each piece is in date order. Within a day's file: the sentinels first, then every meter's rows together,
+    # so row-group statistics let a reader of one meter (or of the sentinels) skip the rest.
+    states = [kept.filter(marks), *[sentinels(m, days) for m in meters], kept.filter(~marks), *packed]
     publish(storage, states, "date", days, partials_file, existing, state=True)
     return counts
 
@@ -264,20 +268,33 @@ def _existing_partitions(storage: Storage, meters: list[Meter], days: list[str])
 
 
 # --- billing periods -------------------------------------------------------------------------------
+PERIOD_READ_BYTES = 64 * 2**20  # partial files of one period read at once; above this, one meter at a time
+
+
 def recompute_periods(
     storage: Storage, meters: list[Meter], billing: Billing, period_starts: list[str]
 ) -> dict[str, int]:
-    """Each meter's billing periods from the stored day partials of their days: period rows per meter."""
-    stored = stored_partials(storage, billing, period_starts, [m.slug for m in meters])
+    """Each meter's billing periods from the stored day partials of their days: period rows per meter.
+
+    One period at a time; when its partial files exceed `PERIOD_READ_BYTES`, one meter at a time (the files
+    keep each meter's rows together, so statistics skip the others): memory is bounded by one meter's
+    partial states for one period, however long the history or large the batch.
+    """
+    sizes = {f.path: f.size for f in storage.list_files(PARTIALS, (".parquet",))}
     existing = {f.path for m in meters for f in storage.list_files(f"usage/{m.slug}/period", (".parquet",))}
-    tables = pl.collect_all(
-        [period_from_partials(unpack_partials(stored.lazy(), m), m, billing) for m in meters] if stored.height else []
-    )
-    rows: dict[str, int] = {}
-    for i, meter in enumerate(meters):
-        table = tables[i] if tables else pl.DataFrame()
-        path = _period_path(meter.slug)
-        rows[meter.slug] = publish(storage, table, "period_start", period_starts, path, existing)
+    bounds = period_bounds(billing, period_starts)
+    rows = {m.slug: 0 for m in meters}
+    for start in period_starts:
+        files = [p for p in (partials_file(d) for d in sorted(_period_days(billing, [start]))) if p in sizes]
+        windows = bounds.filter(pl.col("period_start") == start).select("window_start").unique()
+        together = sum(sizes[f] for f in files) <= PERIOD_READ_BYTES
+        for group in [meters] if together else [[m] for m in meters]:
+            stored = _stored_partials(storage, files, group, windows)
+            queries = [period_from_partials(unpack_partials(stored.lazy(), m), m, billing) for m in group]
+            tables = pl.collect_all(queries) if stored.height else [pl.DataFrame() for _ in group]
+            del stored
+            for meter, table in zip(group, tables, strict=True):
+                rows[meter.slug] += publish(storage, table, "period_start", [start], _period_path(meter.slug), existing)
     return rows
 
 
@@ -285,16 +302,12 @@ def _period_path(slug: str) -> Callable[[str], str]:
     return lambda start: period_file(slug, start)
 
 
-def stored_partials(storage: Storage, billing: Billing, period_starts: list[str], slugs: list[str]) -> pl.DataFrame:
-    """The stored day partials of the given meters for the windows of the given periods."""
-    if not period_starts:
+def _stored_partials(storage: Storage, files: list[str], meters: list[Meter], windows: pl.DataFrame) -> pl.DataFrame:
+    """The stored partial states of these meters' current definitions for the given period windows."""
+    if not files:
         return pl.DataFrame(schema=PARTIAL)
-    found = _stored_partial_files(storage, _period_days(billing, period_starts))
-    if not found:
-        return pl.DataFrame(schema=PARTIAL)
-    bounds = period_bounds(billing, period_starts).filter(pl.col("period_start").is_in(period_starts))
-    windows = bounds.select("window_start").unique()
-    frame = storage.scan_parquet(found).filter(pl.col("meter").is_in(slugs))
+    slugs = [m.slug for m in meters]
+    frame = storage.scan_parquet(files).filter(pl.col("meter").is_in(slugs) & pl.col("window_start").is_not_null())
     return frame.join(windows.lazy(), on="window_start", how="semi").collect()
 
 

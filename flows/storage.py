@@ -175,6 +175,9 @@ def arrow_for_readers(df: pl.DataFrame) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
+STATE_ROW_GROUP = 16_384  # rows per row group of state files: statistics can skip other meters' rows
+
+
 @dataclass
 class Storage:
     """A storage root: a local folder or `s3://bucket/prefix`."""
@@ -431,7 +434,7 @@ class Storage:
         buf = io.BytesIO()
         if state and isinstance(df, pl.DataFrame):
             df.write_parquet(
-                buf, compression="zstd", compression_level=1, statistics=False, row_group_size=row_group_size
+                buf, compression="zstd", compression_level=1, row_group_size=row_group_size or STATE_ROW_GROUP
             )
         else:
             table = df if isinstance(df, pa.Table) else arrow_for_readers(df)

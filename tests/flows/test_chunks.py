@@ -120,3 +120,20 @@ def _state_rows(storage: Storage) -> dict[tuple[str, str], int]:
         out.update({(prefix, meter): n for meter, n in counts})
     assert {m for _, m in out} == {"tokens_total", "latest_tokens"}
     return out
+
+
+def test_periods_combined_meter_by_meter_equal_all_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large periods are combined one meter at a time (bounded memory): same tables."""
+    from flows import recompute
+
+    meters = meterset(METERS)
+    one, many = Storage(str(tmp_path / "one")), Storage(str(tmp_path / "many"))
+    for storage in (one, many):
+        _land(storage)
+        land(storage, "bad.jsonl", BAD_VALUE)
+    run(one, meters)
+    monkeypatch.setattr(recompute, "PERIOD_READ_BYTES", 0)
+    run(many, meters)
+    expected, got = all_tables(one, meters), all_tables(many, meters)
+    for name, table in expected.items():
+        assert not table.is_empty() and table.equals(got[name]), name
