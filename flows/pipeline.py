@@ -29,7 +29,7 @@ from transforms.validate import validate
 LANDING = "landing"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
-FAN_GROUP = 4  # slices of days submitted at once to a task runner (bounds memory with threads)
+FAN_GROUP = 16  # slices of days submitted at once (progress is reported between groups)
 CHUNK_BYTES = 256 * 2**20  # JSON text parsed at once (see json_bytes): bounds ingest memory
 
 

@@ -31,6 +31,7 @@ from prefect.settings import (
     get_current_settings,
     temporary_settings,
 )
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import pipeline
 from flows.storage import Storage
@@ -186,7 +187,12 @@ def _artifacts(summary: dict) -> None:
     )
 
 
-@flow(name="meterlake-hourly", log_prints=False)
+# Slices of days run as concurrent tasks; each holds ~1 GB at its peak, so threads are limited to the cores
+# a machine usually has here. A Dask cluster (`task_runner`) runs as many as it has workers.
+THREADS = ThreadPoolTaskRunner(max_workers=2)
+
+
+@flow(name="meterlake-hourly", log_prints=False, task_runner=THREADS)
 def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     """Ingest what landed since the last run and republish the windows it touched.
 
@@ -203,7 +209,7 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     return summary
 
 
-@flow(name="meterlake-backfill", log_prints=False)
+@flow(name="meterlake-backfill", log_prints=False, task_runner=THREADS)
 def backfill_flow(
     start: dt.date,
     end: dt.date,
