@@ -187,8 +187,8 @@ def _artifacts(summary: dict) -> None:
     )
 
 
-# Slices of days run as concurrent tasks; each holds ~1 GB at its peak, so threads are limited to the cores
-# a machine usually has here. A Dask cluster (`task_runner`) runs as many as it has workers.
+# Slices of days run as concurrent tasks, each holding about 1M events with its meters' frames, so threads are
+# limited to two. A Dask cluster (`task_runner`) runs as many as it has workers.
 THREADS = ThreadPoolTaskRunner(max_workers=2)
 
 

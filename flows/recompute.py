@@ -26,7 +26,7 @@ from transforms.windows import period_table as periods_for_dates
 
 EVENTS = "events"
 PARTIALS = "_state/partials"
-SLICE_BYTES = 32 * 2**20  # event files read at once when recomputing (~1M events, ~1 GB in memory at peak)
+SLICE_BYTES = 32 * 2**20  # event files read at once when recomputing: ~1M events (see docs/scaling.md)
 DAY_COLUMNS = ["id", "source", "type", "subject", "time", "data", "file", "line", "batch", "date"]
 
 
