@@ -418,14 +418,14 @@ def recompute_all(
     )
     summary: dict[str, dict] = {}
     for meter in meters:
-        rows_p = period_rows[meter.slug]
+        rows_p = period_rows[meter.slug]["rows"]
         summary[meter.slug] = {
             "hourly_partitions": len(todo.touched_days),
             "periods": len(todo.period_starts),
             "hourly_rows": counts[meter.slug]["hourly_rows"],
             "period_rows": rows_p,
             "excluded": counts[meter.slug]["excluded"],
-            "latest_period": max(todo.period_starts) if rows_p else None,
+            "latest_period": period_rows[meter.slug]["latest"],  # a period this meter has rows in
         }
     return summary
 

@@ -273,8 +273,10 @@ PERIOD_READ_BYTES = 64 * 2**20  # partial files of one period read at once; abov
 
 def recompute_periods(
     storage: Storage, meters: list[Meter], billing: Billing, period_starts: list[str]
-) -> dict[str, int]:
-    """Each meter's billing periods from the stored day partials of their days: period rows per meter.
+) -> dict[str, dict]:
+    """Each meter's billing periods from the stored day partials of their days.
+
+    Returns per meter the period rows written and the latest period that has rows (None if none does).
 
     One period at a time; when its partial files exceed `PERIOD_READ_BYTES`, one meter at a time (the files
     keep each meter's rows together, so statistics skip the others): memory is bounded by one meter's
@@ -283,7 +285,7 @@ def recompute_periods(
     sizes = {f.path: f.size for f in storage.list_files(PARTIALS, (".parquet",))}
     existing = {f.path for m in meters for f in storage.list_files(f"usage/{m.slug}/period", (".parquet",))}
     bounds = period_bounds(billing, period_starts)
-    rows = {m.slug: 0 for m in meters}
+    rows: dict[str, dict] = {m.slug: {"rows": 0, "latest": None} for m in meters}
     for start in period_starts:
         files = [p for p in (partials_file(d) for d in sorted(_period_days(billing, [start]))) if p in sizes]
         windows = bounds.filter(pl.col("period_start") == start).select("window_start").unique()
@@ -294,7 +296,10 @@ def recompute_periods(
             tables = pl.collect_all(queries) if stored.height else [pl.DataFrame() for _ in group]
             del stored
             for meter, table in zip(group, tables, strict=True):
-                rows[meter.slug] += publish(storage, table, "period_start", [start], _period_path(meter.slug), existing)
+                written = publish(storage, table, "period_start", [start], _period_path(meter.slug), existing)
+                rows[meter.slug]["rows"] += written
+                if written:  # period_starts are in order
+                    rows[meter.slug]["latest"] = start
     return rows
 
 

@@ -370,3 +370,24 @@ def test_files_with_unknown_suffixes_are_reported_not_silently_skipped(
         batches = pipeline.find_new_batches(storage)
     assert [b.path for b in batches] == ["landing/ok.jsonl"]
     assert "landing/wrong.json" in caplog.text and "does not read" in caplog.text
+
+
+def test_latest_period_of_each_meter_is_one_it_has_rows_in(tmp_path: Path) -> None:
+    """A run touching a later period for one event type only must not name that period for other meters
+    (the Prefect flow's top tables read each meter's latest period and failed on a missing one)."""
+    meters = parse_meters(
+        """
+meters:
+  - {slug: tokens_total, eventType: prompt, aggregation: SUM, valueProperty: $.tokens}
+  - {slug: pages_total, eventType: translate, aggregation: SUM, valueProperty: $.pages}
+"""
+    )
+    storage = local_root(tmp_path)
+    batch = [
+        event("p1", "2024-01-10T10:00:00Z", data={"tokens": 5}),
+        event("t1", "2024-01-10T10:00:00Z", type="translate", data={"pages": 1}),
+        event("t2", "2025-02-18T10:00:00Z", type="translate", data={"pages": 2}),
+    ]
+    land(storage, "b.jsonl", jsonl(batch))
+    summary = pipeline.run(storage, meters, log=lambda _: None)
+    assert summary["latest_periods"] == {"tokens_total": "2024-01-01", "pages_total": "2025-02-01"}
