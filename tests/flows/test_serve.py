@@ -1,0 +1,183 @@
+"""`meterlake serve` end to end: a real Prefect server, the real command line, one run through the API.
+
+A Prefect server is started on 127.0.0.1 (a free port, its own PREFECT_HOME, analytics off) as in
+bench/fixed_cost.py, then `meterlake serve` against it with a copy of the bundled sample (data/landing).
+The test reads both deployments back from the server's REST API (schedule, concurrency limit, parameters),
+starts one run of the hourly deployment through the API and waits for the served process to execute it
+to COMPLETED, then checks the storage root has billing-period tables. Both processes are always stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from flows import cli
+from meters import load_meters_file
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+SERVER_TIMEOUT = 120  # seconds until /api/health answers (a first start creates and migrates the database)
+DEPLOY_TIMEOUT = 90  # seconds until `meterlake serve` has registered both deployments
+RUN_TIMEOUT = 180  # seconds until the triggered flow run reaches a final state
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
+    """The caller's environment without any Prefect API or profile choice, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env.update(QUIET, PREFECT_HOME=str(prefect_home))
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def executable(name: str) -> str:
+    exe = Path(sys.executable).with_name(name)
+    assert exe.exists(), f"{exe} not found (is the project installed in this virtualenv?)"
+    return str(exe)
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"--- last {lines} lines of {log} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def stop(proc: subprocess.Popen, signals: tuple[tuple[int, float], ...]) -> None:
+    """Signal the process group (its own session) in turn until the process has exited."""
+    for sig, wait in signals:
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+    with contextlib.suppress(ProcessLookupError):  # anything left in the group (a flow run, uvicorn)
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+Watched = dict[str, tuple[subprocess.Popen, Path]]  # a name for messages -> (process, its output file)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, logs: Watched) -> Any:
+    """Poll `check` until it returns something truthy; fail early if a watched process exits, with log tails."""
+    started = time.monotonic()
+    while True:
+        for name, (proc, log) in logs.items():
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode} while waiting for {what}\n{tail(log)}")
+        result = check()
+        if result:
+            return result
+        if time.monotonic() - started > timeout:
+            tails = "\n".join(tail(log) for _, log in logs.values())
+            pytest.fail(f"{what}: not reached after {timeout:.0f} s\n{tails}")
+        time.sleep(0.25)
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen, Path]]:
+    """`prefect server start` on 127.0.0.1:<free port>; yields (API URL, PREFECT_HOME, process, log)."""
+    home, log = tmp_path / "prefect-home", tmp_path / "server.log"
+    home.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    cmd = [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=base_env(home), cwd=home, stdout=out, stderr=out, start_new_session=True)
+    try:
+
+        def healthy() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            return False
+
+        wait_for("the Prefect server's /api/health", healthy, SERVER_TIMEOUT, {"prefect server": (proc, log)})
+        yield url, home, proc, log
+    finally:
+        stop(proc, ((signal.SIGTERM, 15), (signal.SIGKILL, 5)))
+
+
+def test_serve_registers_both_deployments_and_executes_a_run(
+    tmp_path: Path, prefect_server: tuple[str, Path, subprocess.Popen, Path]
+) -> None:
+    url, home, server, server_log = prefect_server
+    root = tmp_path / "root"
+    shutil.copytree(REPO / "data" / "landing", root / "landing")
+    meters = REPO / "data" / "meters.yaml"
+    default_cron = inspect.signature(cli.serve).parameters["cron"].default
+    assert default_cron == "5 * * * *"
+
+    env = base_env(home, url)
+    env["PREFECT_RUNNER_POLL_FREQUENCY"] = "1"  # the served runner looks for due runs every second, not 10
+    log = tmp_path / "serve.log"
+    # relative meters path from the repo folder: serve must store it as an absolute path
+    cmd = [executable("meterlake"), "serve", "--root", str(root), "--meters", "data/meters.yaml"]
+    with log.open("ab") as out:
+        serve = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
+    watched: Watched = {"meterlake serve": (serve, log), "prefect server": (server, server_log)}
+    try:
+        with httpx.Client(base_url=url, timeout=10) as api:
+
+            def deployment(flow: str, name: str) -> dict | None:
+                response = api.get(f"/deployments/name/{flow}/{name}")
+                return response.json() if response.status_code == 200 else None
+
+            def both() -> tuple[dict, dict] | None:
+                hourly = deployment("meterlake-hourly", "hourly")
+                backfill = deployment("meterlake-backfill", "backfill")
+                return (hourly, backfill) if hourly and backfill else None
+
+            hourly, backfill = wait_for("both deployments registered", both, DEPLOY_TIMEOUT, watched)
+
+            params = {"root": str(root), "meters": str(meters)}
+            for dep in (hourly, backfill):
+                assert dep["parameters"] == params, dep["name"]
+                assert dep["global_concurrency_limit"] is not None, dep["name"]
+                assert dep["global_concurrency_limit"]["limit"] == 1, dep["name"]
+                assert dep["concurrency_options"]["collision_strategy"] == "ENQUEUE", dep["name"]
+            assert [s["schedule"].get("cron") for s in hourly["schedules"]] == [default_cron]
+            assert hourly["schedules"][0]["active"] is True
+            assert backfill["schedules"] == []
+
+            response = api.post(f"/deployments/{hourly['id']}/create_flow_run", json={})
+            assert response.status_code == 201, response.text
+            run_id = response.json()["id"]
+
+            def final_state() -> dict | None:
+                state = api.get(f"/flow_runs/{run_id}").json()["state"]
+                return state if state and state["type"] in FINAL else None
+
+            state = wait_for(f"flow run {run_id} in a final state", final_state, RUN_TIMEOUT, watched)
+            assert state["type"] == "COMPLETED", f"{state['type']}: {state.get('message')}\n{tail(log)}"
+            run = api.get(f"/flow_runs/{run_id}").json()
+            assert run["deployment_id"] == hourly["id"]
+            assert run["parameters"] == params
+
+        slugs = {m.slug for m in load_meters_file(meters).meters}
+        published = {p.parent.parent.parent.name for p in (root / "usage").glob("*/period/period_start=*/data.parquet")}
+        assert published == slugs, f"meters without a period table: {sorted(slugs - published)}"
+        assert serve.poll() is None, f"meterlake serve exited with {serve.returncode}\n{tail(log)}"
+    finally:
+        stop(serve, ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)))
