@@ -48,11 +48,6 @@ def aggregate(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
     )
 
 
-def sort_table(df: pl.DataFrame, meter: Meter) -> pl.DataFrame:
-    """A deterministic row order, so identical tables produce identical files."""
-    return df.sort(["window_start", "subject", *meter.group_paths], nulls_last=True)
-
-
 # --- partial aggregates: a billing period built day by day -------------------------------------
 # Each aggregation is split into a partial state per group that can be combined exactly (AVG keeps
 # sum and count, LATEST keeps the winning row's time, id and source, UNIQUE_COUNT the distinct values),
