@@ -24,6 +24,7 @@ from meters import Billing, MeterSet
 from transforms.dedupe import dedupe
 from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
+from transforms.tables import key_runs
 from transforms.validate import validate
 
 LANDING = "landing"
@@ -282,10 +283,7 @@ def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
     events give the same files."""
     ordered = kept.sort("date", maintain_order=True)
     table = arrow_for_readers(ordered)  # converted once; each date is a zero-copy slice
-    items, at = [], 0
-    for day, length in ordered.select(pl.col("date").rle().struct.unnest()).select("value", "len").iter_rows():
-        items.append((event_file(str(day), run_id), table.slice(at, length)))
-        at += length
+    items = [(event_file(day, run_id), table.slice(at, n)) for day, at, n in key_runs(ordered, "date")]
     storage.write_parquet_many(items, row_group_size=EVENT_ROW_GROUP)
 
 

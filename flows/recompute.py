@@ -20,7 +20,14 @@ from meters import Billing, Meter
 from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
 from transforms.extract import extract, extract_paths
 from transforms.schema import EVENT, QUARANTINE, conform
-from transforms.tables import exclusions, hourly_table, period_from_partials, period_partials, with_windows
+from transforms.tables import (
+    exclusions,
+    hourly_table,
+    key_runs,
+    period_from_partials,
+    period_partials,
+    with_windows,
+)
 from transforms.windows import period_dates
 from transforms.windows import period_table as periods_for_dates
 
@@ -345,15 +352,13 @@ def publish(
             continue
         if sort:
             frame = frame.sort([key, *sort], nulls_last=True, maintain_order=True)
-        runs = frame.select(pl.col(key).rle().struct.unnest()).select("value", "len")
-        if runs["value"].n_unique() < runs.height:  # a partition in pieces: bring its rows together
+        runs = key_runs(frame, key)
+        if len({value for value, _, _ in runs}) < len(runs):  # a partition in pieces: bring its rows together
             frame = frame.sort(key, maintain_order=True)
-            runs = frame.select(pl.col(key).rle().struct.unnest()).select("value", "len")
+            runs = key_runs(frame, key)
         whole = frame if state else arrow_for_readers(frame)  # converted once; partitions are zero-copy slices
-        at = 0
-        for value, length in runs.iter_rows():
-            pieces.setdefault(str(value), []).append(whole.slice(at, length))
-            at += length
+        for value, at, length in runs:
+            pieces.setdefault(value, []).append(whole.slice(at, length))
     stray = sorted(set(pieces) - set(values))
     if stray:
         raise ValueError(f"rows outside the partitions being replaced: {stray[:3]}")

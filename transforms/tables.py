@@ -92,3 +92,13 @@ def exclusions(extracted: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
         )
         .cast(QUARANTINE)
     )  # type: ignore[arg-type]
+
+
+def key_runs(frame: pl.DataFrame, key: str) -> list[tuple[str, int, int]]:
+    """(value, offset, length) of each run of equal `key` values, in row order: the zero-copy slices a
+    frame grouped by `key` splits into, one per partition file."""
+    runs, at = [], 0
+    for value, length in frame.select(pl.col(key).rle().struct.unnest()).select("value", "len").iter_rows():
+        runs.append((str(value), at, length))
+        at += length
+    return runs
