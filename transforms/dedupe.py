@@ -17,10 +17,11 @@ def dedupe(new: pl.DataFrame, existing_keys: pl.DataFrame | None = None) -> tupl
     `new` must be sorted in landing order (batch order, then line). `existing_keys` holds the KEY
     columns of events already stored for the dates `new` touches.
     """
-    ordered = new.with_row_index("_order")
-    first = pl.struct(KEY).is_first_distinct()
-    kept = ordered.filter(first)
-    dup_in_run = ordered.filter(~first).with_columns(_dup=pl.lit("an earlier copy in this run"))
+    ordered = new.with_row_index("_order").with_columns(_first=pl.struct(KEY).is_first_distinct())  # hashed once
+    kept = ordered.filter(pl.col("_first")).drop("_first")
+    dup_in_run = (
+        ordered.filter(~pl.col("_first")).drop("_first").with_columns(_dup=pl.lit("an earlier copy in this run"))
+    )
     if existing_keys is None or existing_keys.is_empty():
         return kept.drop("_order"), dup_in_run.drop("_order")  # filters keep the landing order
     seen = existing_keys.select(KEY).unique().with_columns(_seen=pl.lit(True))
