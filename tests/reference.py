@@ -166,6 +166,7 @@ SELECT *,
     CASE
         WHEN t IS NULL OR NOT regexp_full_match(t, '{RFC3339}') THEN NULL
         WHEN TRY_CAST(t_date AS DATE) IS NULL OR t_h > 23 OR t_m > 59 OR t_s > 59 THEN NULL
+        WHEN substr(t_date, 1, 4) < '1678' OR substr(t_date, 1, 4) > '2261' THEN NULL  -- beyond 64-bit nanoseconds
         WHEN t_off <> 'Z' AND (CAST(substr(t_off, 2, 2) AS BIGINT) > 23 OR CAST(substr(t_off, 5, 2) AS BIGINT) > 59)
             THEN NULL
         ELSE (date_diff('day', DATE '1970-01-01', CAST(t_date AS DATE)) * 86400 + t_h * 3600 + t_m * 60 + t_s)

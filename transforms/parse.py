@@ -235,7 +235,9 @@ def parse_parquet(raw: bytes) -> Parsed:
 def _time_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         utc = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
-        return utc.cast(pl.Datetime("ns", "UTC")).dt.strftime("%Y-%m-%dT%H:%M:%S%.9fZ").alias("time")
+        # formatted in the column's own unit: a cast to ns fails for years outside 1678-2261 (they are then
+        # refused by validation as bad_time, like the same text in JSONL)
+        return utc.dt.strftime("%Y-%m-%dT%H:%M:%S%.9fZ").alias("time")
     if dtype == pl.String:
         return col
     return pl.lit(None, pl.String).alias("time")

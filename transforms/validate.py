@@ -9,13 +9,15 @@ from transforms.schema import ENVELOPE, TIME
 # RFC 3339 with a mandatory offset; any number of fraction digits (kept to nanoseconds, truncated).
 RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
 
+MIN_YEAR, MAX_YEAR = "1678", "2261"  # the whole years that Datetime(ns) can hold
+
 REASONS = {
     "missing_id": "id is absent, null, empty or not a string",
     "missing_source": "source is absent, null, empty or not a string",
     "missing_type": "type is absent, null, empty or not a string",
     "missing_subject": "subject is absent, null, empty or not a string",
     "missing_time": "time is absent or null",
-    "bad_time": "time is not RFC 3339 with an offset (e.g. 2024-01-01T00:00:00Z)",
+    "bad_time": "time is not RFC 3339 with an offset (e.g. 2024-01-01T00:00:00Z), or its year is not 1678-2261",
     "bad_data": "data is present but is not a JSON object or null",
 }
 
@@ -32,7 +34,11 @@ def parse_time(text: pl.Expr) -> pl.Expr:
         .str.replace(r"(\.\d{9})\d+", "${1}")  # truncate beyond nanoseconds
     )
     parsed = normal.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="ns", time_zone="UTC", strict=False)
-    return pl.when(text.str.contains(RFC3339)).then(parsed).otherwise(None).cast(TIME)
+    # Nanoseconds since 1970 in 64 bits reach 1677-09-21 .. 2262-04-11; beyond, the parse wraps around silently
+    # (year 1 became 1755), so years outside 1678-2261 are refused (four-digit text compares like numbers).
+    year = text.str.slice(0, 4)
+    in_range = (year >= MIN_YEAR) & (year <= MAX_YEAR)
+    return pl.when(text.str.contains(RFC3339) & in_range).then(parsed).otherwise(None).cast(TIME)
 
 
 def reason_expr() -> pl.Expr:

@@ -282,6 +282,8 @@ def invalid_records(rng: random.Random) -> list[object]:
         "2024-01-01T00:00:00+0200",
         "2024-01-01T00:00:60Z",
         "2024-01-01T00:00:00.Z",
+        "0001-05-16T22:30:20Z",  # beyond 64-bit nanoseconds
+        "9999-12-31T23:59:59Z",
     ):
         out.append({**base, "time": bad})
     for data in ([1, 2], "text", 5, True):

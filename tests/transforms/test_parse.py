@@ -398,6 +398,15 @@ def test_parquet_timestamp_keeps_nanoseconds(tmp_path) -> None:
     assert valid.select(pl.col("time").dt.nanosecond()).item() == 123456789
 
 
+@pytest.mark.parametrize("unit", ["ms", "us"])
+def test_parquet_timestamp_beyond_nanoseconds_is_bad_time_not_a_crash(tmp_path, unit) -> None:
+    times = [dt.datetime(9999, 1, 1), dt.datetime(2024, 1, 1), dt.datetime(1, 1, 1)]
+    df = envelope_frame(3).with_columns(pl.Series("time", times, dtype=pl.Datetime(unit)), data=pl.lit(None, pl.String))
+    valid, rejected = validate(parse_parquet(parquet_bytes(df, tmp_path)).records)
+    assert valid["time"].to_list() == [dt.datetime(2024, 1, 1, tzinfo=dt.UTC)]
+    assert rejected["reason"].to_list() == ["bad_time", "bad_time"]
+
+
 def test_parquet_missing_and_non_string_columns(tmp_path) -> None:
     df = pl.DataFrame(
         {

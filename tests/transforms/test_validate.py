@@ -84,10 +84,26 @@ def test_missing_time(value) -> None:
         "",
         " 2024-01-01T00:00:00Z",
         "2024-01-01T00:00:00Z ",
+        "0001-05-16T22:30:20Z",  # outside what Datetime(ns) holds: used to wrap around to 1755
+        "9999-01-01T00:00:00Z",
+        "1677-12-31T23:59:59Z",
+        "2262-01-01T00:00:00Z",
     ],
 )
 def test_bad_time(time: str) -> None:
     assert reason_of(record(time=time)) == "bad_time"
+
+
+@pytest.mark.parametrize(
+    ("time", "utc"),
+    [
+        ("1678-01-01T00:00:00Z", "1678-01-01T00:00:00"),
+        ("2261-12-31T23:59:59.999999999Z", "2261-12-31T23:59:59.999999999"),
+    ],
+)
+def test_years_at_the_edges_of_the_range_are_kept(time: str, utc: str) -> None:
+    valid, _ = run(record(time=time))
+    assert valid["time"].dt.strftime("%Y-%m-%dT%H:%M:%S%.f").to_list() == [utc]
 
 
 def test_numeric_time_is_bad_time() -> None:
