@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import polars as pl
@@ -54,28 +55,51 @@ def _decode_dtype(chains: list[list[str]]) -> pl.Struct | None:
 def extract_paths(events: pl.LazyFrame, meters: list[Meter] | tuple[Meter, ...], decode: bool = True) -> pl.LazyFrame:
     """Extract every distinct JSONPath of the meters once, so meters sharing a type share the work.
 
-    With `decode`, the value paths that only numeric aggregations use are read in one JSON parse per
-    event (`json_decode` into text fields) instead of one `json_path_match` each: their text may format a
-    number differently ("1000" for 1e3) but always holds the same number. Group-by and UNIQUE_COUNT
-    paths keep `json_path_match` text exactly. Decoding fails on an object or array where a value is
-    expected; callers then collect again with `decode=False`.
+    `json_path_match` text is the reference. With `decode`, the paths made only of field names are read in
+    one JSON parse per event (`json_decode` into text fields) instead of one `json_path_match` each; on the
+    rows where the decoder's text may differ (see `_doubtful`), those paths are matched after all. Decoding
+    fails on an object or array where a value is expected; callers then collect again with `decode=False`.
     """
     paths = sorted({p for m in meters for p in [m.value_path, *m.group_paths.values()] if p})
     text_paths = {p for m in meters for p in m.group_paths.values()}
     text_paths |= {m.value_path for m in meters if m.value_path and m.aggregation not in NUMERIC}
-    numeric = [p for p in paths if p not in text_paths and field_chain(p)] if decode else []
-    dtype = _decode_dtype([field_chain(p) or [] for p in numeric]) if numeric else None
-    columns = [
-        pl.col("data").str.json_path_match(p).alias(path_column(p)) for p in paths if dtype is None or p not in numeric
-    ]
-    if dtype is not None:
-        decoded = pl.col("data").str.json_decode(dtype)
-        for p in numeric:
-            field = decoded
-            for name in field_chain(p) or []:
-                field = field.struct.field(name)
-            columns.append(field.alias(path_column(p)))
-    return events.with_columns(columns)
+    decodable = [p for p in paths if field_chain(p)] if decode else []
+    # one path is one parse either way; the decoder's checks make it the slower of the two
+    dtype = _decode_dtype([field_chain(p) or [] for p in decodable]) if len(decodable) > 1 else None
+    data = pl.col("data")
+    columns = [data.str.json_path_match(p).alias(path_column(p)) for p in paths if dtype is None or p not in decodable]
+    if dtype is None:
+        return events.with_columns(columns)
+    decoded = pl.col(_DECODED)  # decoded once in its own column: each use of the expression would parse again
+    for p in decodable:
+        chain = field_chain(p) or []
+        field = decoded
+        for name in chain:
+            field = field.struct.field(name)
+        doubt = _doubtful(chain, field if p in text_paths else None)
+        matched = pl.when(doubt).then(data).str.json_path_match(p)  # null text elsewhere: nearly free
+        columns.append(pl.when(doubt).then(matched).otherwise(field).alias(path_column(p)))
+    return events.with_columns(data.str.json_decode(dtype).alias(_DECODED)).with_columns(columns).drop(_DECODED)
+
+
+_DECODED = "_decoded"
+
+
+def _doubtful(chain: list[str], text: pl.Expr | None) -> pl.Expr:
+    """Rows whose decoded field may differ from `json_path_match`'s text, which only they then pay for.
+
+    - a key of the path written twice: the decoder keeps the first, the matcher the last (as OpenMeter does);
+      counting the quoted key in the whole text also catches it in values or other objects (harmless);
+    - a `\\u` escape anywhere: a key may be spelled differently from the path;
+    - for group-by and UNIQUE_COUNT text (`text`), a number: the decoder writes `3.0` as `3`.
+    """
+    data = pl.col("data")
+    doubt = data.str.contains("\\u", literal=True)
+    for name in dict.fromkeys(chain):
+        doubt = doubt | (data.str.count_matches(json.dumps(name, ensure_ascii=False), literal=True) > 1)
+    if text is not None:
+        doubt = doubt | text.str.contains(r"^[-0-9]")
+    return doubt.fill_null(False)
 
 
 def _text(events: pl.LazyFrame, path: str) -> pl.Expr:

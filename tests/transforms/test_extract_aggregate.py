@@ -522,10 +522,11 @@ def test_decoding_an_object_where_a_value_is_expected_fails_so_callers_fall_back
     from transforms.extract import extract_paths
 
     frame = events(with_value(1), with_value(value))
+    meter = make_meter("SUM", group_by={"g": "$.g"})  # two paths: one alone is never decoded
     with pytest.raises(pl.exceptions.PolarsError):
-        extract_paths(frame, [make_meter("SUM")], decode=True).collect()
-    paths = extract_paths(frame, [make_meter("SUM")], decode=False).collect()
-    assert extract(paths.lazy(), make_meter("SUM")).collect()["excluded"].to_list() == [None, "bad_value"]
+        extract_paths(frame, [meter], decode=True).collect()
+    paths = extract_paths(frame, [meter], decode=False).collect()
+    assert extract(paths.lazy(), meter).collect()["excluded"].to_list() == [None, "bad_value"]
 
 
 def test_group_and_unique_count_paths_keep_their_exact_text() -> None:
@@ -537,3 +538,82 @@ def test_group_and_unique_count_paths_keep_their_exact_text() -> None:
     assert paths[path_column("$.k")].to_list() == ["3.0"]  # json_path_match text, not the decoder's "3"
     assert paths[path_column("$.u")].to_list() == ["2.5e-7"]
     assert paths[path_column("$.v")].cast(pl.Float64).to_list() == [1000.0]  # decoded: same number
+
+
+# --- decoded paths against json_path_match, the reference, on generated JSON text -----------------------
+def _random_doc(rng) -> str:
+    """JSON text of a `data` object (written by hand: duplicate keys, escaped keys, odd numbers)."""
+    atoms = [
+        '"GET"',
+        '"x y"',
+        '"12"',
+        '"-5"',
+        '"3.0"',
+        '""',
+        '"\\u00e9t\\u00e9"',
+        '"a\\"b"',
+        "3.0",
+        "3",
+        "-0.0",
+        "1e3",
+        "2.5e-7",
+        "12345678901234567890",
+        "true",
+        "false",
+        "null",
+        '"\\n"',
+        '"k"',
+        '"\\u006b"',
+    ]
+    keys = ['"k"', '"v"', '"n"', '"\\u006b"', '"K"', '"v "', '"g"']
+    parts = []
+    for _ in range(rng.randint(0, 5)):
+        key = rng.choice(keys)
+        if key == '"n"' and rng.random() < 0.97:
+            inner = ", ".join(f"{rng.choice(keys)}: {rng.choice(atoms)}" for _ in range(rng.randint(0, 3)))
+            parts.append(f"{key}: {{{inner}}}")
+        else:
+            parts.append(f"{key}: {rng.choice(atoms)}")
+    return "{" + ", ".join(parts) + "}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decoded_paths_equal_json_path_match_on_generated_text(seed: int) -> None:
+    import random
+
+    from transforms.extract import extract_paths
+
+    rng = random.Random(seed)
+    meters = [
+        make_meter("SUM", "$.v", {"k": "$.k", "nk": "$.n.k"}, slug="s"),
+        make_meter("LATEST", "$.n.v", {"g": "$.g"}, slug="l"),
+        make_meter("UNIQUE_COUNT", "$.k", slug="u"),
+    ]
+    frame = pl.LazyFrame({"data": [_random_doc(rng) for _ in range(400)]})
+    reference = extract_paths(frame, meters, decode=False).collect()
+    decoded = 0
+    for at in range(0, reference.height, 10):
+        part = reference.slice(at, 10)
+        try:
+            got = extract_paths(part.lazy().select("data"), meters, decode=True).collect()
+        except pl.exceptions.ComputeError:  # an object where text is expected: callers fall back to matching
+            continue
+        decoded += 1
+        for meter in meters:  # numeric text may be written differently ("1e3", "1000"): compare what meters use
+            columns = ["value", "excluded", *meter.group_paths]
+            assert_frame_equal(
+                extract(got.lazy(), meter).select(columns).collect(),
+                extract(part.lazy(), meter).select(columns).collect(),
+            )
+    assert decoded >= 10  # the decoder did run on many slices
+
+
+def test_a_duplicate_key_takes_the_last_value_whether_decoded_or_matched() -> None:
+    from transforms.extract import extract_paths, path_column
+
+    frame = pl.LazyFrame({"data": ['{"v": 1, "v": 5, "k": "a", "k": "b"}', '{"v": 2, "k": "c"}']})
+    meters = [make_meter("SUM", "$.v", {"k": "$.k"})]
+    for decode in (True, False):
+        paths = extract_paths(frame, meters, decode=decode).collect()
+        assert paths[path_column("$.v")].to_list() == ["5", "2"]
+        assert paths[path_column("$.k")].to_list() == ["b", "c"]
