@@ -30,6 +30,8 @@ from transforms.validate import validate
 LANDING = "landing"
 LOCK_TTL = 2 * 3600
 EVENT_ROW_GROUP = 65_536
+# events/ columns with few distinct values: the only ones worth a dictionary (ids, times and data are unique)
+EVENT_DICTIONARY = ["specversion", "source", "type", "subject", "datacontenttype", "file", "batch", "date"]
 FAN_GROUP = 16  # slices of days submitted at once (progress is reported between groups)
 CHUNK_BYTES = 256 * 2**20  # JSON text parsed at once (see json_bytes): bounds ingest memory
 
@@ -284,7 +286,7 @@ def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
     ordered = kept.sort("date", maintain_order=True)
     table = arrow_for_readers(ordered)  # converted once; each date is a zero-copy slice
     items = [(event_file(day, run_id), table.slice(at, n)) for day, at, n in key_runs(ordered, "date")]
-    storage.write_parquet_many(items, row_group_size=EVENT_ROW_GROUP)
+    storage.write_parquet_many(items, row_group_size=EVENT_ROW_GROUP, dictionary=EVENT_DICTIONARY)
 
 
 def dedupe_against_store(storage: Storage, new: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

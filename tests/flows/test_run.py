@@ -12,6 +12,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from flows import pipeline
@@ -248,6 +249,14 @@ def test_tables_readable_by_polars_duckdb_and_pyarrow(published: Storage, kind: 
     table_ = pads.dataset(folder, format="parquet", partitioning="hive").to_table()
     assert pa.types.is_timestamp(table_.schema.field("window_start").type)
     _check_rows(table_.to_pylist(), kind)
+
+
+def test_events_files_keep_dictionaries_for_repeated_values_only(published: Storage) -> None:
+    path = next(Path(published.root, "events").rglob("*.parquet"))
+    meta = pq.read_metadata(path)
+    columns = [meta.row_group(0).column(i) for i in range(meta.num_columns)]
+    with_dictionary = {c.path_in_schema for c in columns if c.has_dictionary_page}
+    assert with_dictionary == set(pipeline.EVENT_DICTIONARY)  # not id, time, data, line
 
 
 def test_no_temporary_or_hidden_files_in_published_prefixes(published: Storage) -> None:

@@ -115,6 +115,18 @@ def test_parquet_round_trip_with_plain_string_columns(any_root: Storage) -> None
     assert any_root.read_parquet([]).is_empty()
 
 
+def test_dictionary_encoding_only_for_the_columns_named(tmp_path) -> None:
+    storage = Storage(str(tmp_path))
+    df = pl.DataFrame({"type": ["a", "a", "b"] * 100, "id": [f"id-{i}" for i in range(300)]})
+    storage.write_parquet_many([("e/1.parquet", df), ("e/2.parquet", df)], dictionary=["type"])
+    storage.write_parquet("e/3.parquet", df)
+    for name, dictionary_for in (("1", {"type"}), ("2", {"type"}), ("3", {"type", "id"})):
+        meta = pq.read_metadata(io.BytesIO(storage.read_bytes(f"e/{name}.parquet")))
+        columns = [meta.row_group(0).column(i) for i in range(meta.num_columns)]
+        assert {c.path_in_schema for c in columns if c.has_dictionary_page} == dictionary_for
+        assert_frame_equal(storage.read_parquet([f"e/{name}.parquet"]), df)
+
+
 def test_create_exclusive_once(any_root: Storage) -> None:
     assert any_root.create_exclusive("_state/lock.json", b"first")
     assert not any_root.create_exclusive("_state/lock.json", b"second")
