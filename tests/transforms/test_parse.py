@@ -339,7 +339,7 @@ def test_parquet_with_struct_data_and_string_time(tmp_path) -> None:
     assert records["line"].to_list() == [1, 2, 3]
     data = records["data"].to_list()
     assert json.loads(data[0]) == {"tokens": 10, "model": "gpt"}
-    assert json.loads(data[1]) == {"tokens": None, "model": "x"}
+    assert json.loads(data[1]) == {"model": "x"}  # a null struct field is left out (absent and null mean the same)
     assert data[2] is None
     assert records.select(pl.col("data").str.json_path_match("$.tokens")).to_series().to_list() == ["10", None, None]
     valid, rejected = validate(records)
@@ -442,3 +442,53 @@ def test_truncated_parquet_is_unreadable(tmp_path, cut: str) -> None:
     assert parsed.unreadable is not None and "Parquet" in parsed.unreadable
     assert parsed.records.is_empty()
     assert parsed.records.schema == pl.Schema(RECORD_SCHEMA)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_struct_data_text_leaves_out_null_fields_only(seed: int) -> None:
+    import random
+
+    from transforms.parse import struct_json
+
+    rng = random.Random(seed)
+    dtype = pl.Struct({"a": pl.Int64, "b": pl.String, "c": pl.Float64, "n": pl.Struct({"x": pl.Int64, "y": pl.String})})
+
+    def value():
+        if rng.random() < 0.1:
+            return None
+        return {
+            "a": rng.choice([None, 1, -7]),
+            "b": rng.choice([None, "x", "", 'q"uote']),
+            "c": rng.choice([None, 2.5, 3.0]),
+            "n": rng.choice([None, {"x": None, "y": "in"}, {"x": 4, "y": None}]),
+        }
+
+    rows = [value() for _ in range(300)]
+    series = pl.Series("data", rows, dtype=dtype)
+    got = struct_json(series).to_list()
+    full = series.struct.json_encode().to_list()
+    for row, text, whole in zip(rows, got, full, strict=True):
+        if row is None:
+            assert text is None
+            continue
+        expected = {k: v for k, v in json.loads(whole).items() if v is not None}  # nested nulls stay
+        assert json.loads(text) == expected
+        assert list(json.loads(text)) == list(expected)  # field order kept
+
+
+def test_struct_data_with_many_shapes_is_encoded_whole() -> None:
+    from transforms.parse import MAX_NULL_PATTERNS, struct_json
+
+    fields = [f"f{i}" for i in range(10)]
+    rows = [{f: (i if (i >> k) & 1 else None) for k, f in enumerate(fields)} for i in range(MAX_NULL_PATTERNS + 1)]
+    series = pl.Series("data", rows)
+    assert struct_json(series).to_list() == series.struct.json_encode().to_list()
+
+
+def test_struct_data_fields_named_like_helper_columns() -> None:
+    from transforms.parse import struct_json
+
+    series = pl.Series(
+        "data", [{"#row": 1, "#present": None, "data": "x"}, {"#row": None, "#present": 2, "data": None}]
+    )
+    assert [json.loads(t) for t in struct_json(series).to_list()] == [{"#row": 1, "data": "x"}, {"#present": 2}]
