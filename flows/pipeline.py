@@ -104,7 +104,9 @@ def find_new_batches(storage: Storage) -> list[FileInfo]:
 
 
 def batch_id(path: str, content: bytes) -> str:
-    return hashlib.sha256(path.encode() + b"\0" + content).hexdigest()[:24]
+    digest = hashlib.sha256(path.encode() + b"\0")
+    digest.update(content)  # fed separately: no copy of a batch that may be hundreds of MB
+    return digest.hexdigest()[:24]
 
 
 def _quarantine_rows(df: pl.DataFrame, stage: str, file: str, batch: str, **cols: Any) -> pl.DataFrame:
