@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import orjson
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
+from polars.exceptions import PanicException
 
 from transforms.schema import ENVELOPE, conform, empty
 
@@ -268,9 +270,18 @@ def line_texts(lines: Lines, numbers: list[int]) -> dict[int, str]:
 
 
 def parse_parquet(raw: bytes) -> Parsed:
+    """One record per row; the envelope attributes are the columns of those names.
+
+    Types: an attribute is text if its column holds text (String, large or view strings, dictionary-encoded
+    strings, an extension type stored as text); a column of another type, bytes included (a CloudEvents
+    attribute is a string, and bytes need not be text), is treated as absent, so the row fails validation with
+    `missing_<attribute>`, like a JSON number in JSONL. `time` may also be a timestamp (a naive one is UTC); a
+    time of another type (a date, a number) is present but not a time: `bad_time`. `data` may be JSON text or a
+    struct (see `struct_json`, `_jsonable`); any other non-null value is `bad_data`.
+    """
     try:
-        df = pl.read_parquet(io.BytesIO(raw))
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt file: quarantine it whole
+        df = _read_parquet(raw)
+    except (Exception, PanicException) as exc:  # noqa: BLE001 - truncated or corrupt file: quarantine it whole
         return _unreadable(f"unreadable Parquet: {str(exc).splitlines()[0][:200]}", "parquet")
     columns = []
     for name, _dtype in ENVELOPE.items():
@@ -282,34 +293,157 @@ def parse_parquet(raw: bytes) -> Parsed:
             columns.append(_time_text(pl.col(name), have))
         elif name == "data":
             columns.append(_data_text(pl.col(name), have))
-        elif have in (pl.String, pl.Categorical) or isinstance(have, (pl.Categorical, pl.Enum)):
-            columns.append(pl.col(name).cast(pl.String))
         else:  # a non-string attribute is treated as absent: it fails validation with its reason
-            columns.append(pl.lit(None, pl.String).alias(name))
-    records = df.select(columns).with_columns(line=pl.int_range(1, df.height + 1, dtype=pl.Int64))
+            text = _as_text(pl.col(name), have)
+            columns.append((pl.lit(None, pl.String) if text is None else text).alias(name))
+    # not a literal: the frame keeps the file's row count (0 included) when every attribute is absent
+    line = pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line")
+    records = df.select(*columns, line)
     return Parsed(conform(records, {**ENVELOPE, "line": pl.Int64}), empty(MALFORMED), None, "parquet")
+
+
+def _read_parquet(raw: bytes) -> pl.DataFrame:
+    """Read with Polars; if it fails, with pyarrow, the types Polars panics on replaced (`_polars_safe`).
+
+    Polars panics (a BaseException, which `except Exception` lets through) on valid files, e.g. on a timestamp
+    zone it does not know ("+05:30"). Decimals nested in `data` are read by pyarrow too: Polars misreads
+    nested 256-bit ones (values after a null come out as 0.00) and panics on those of more than 38 digits, and
+    its schema does not tell 256-bit ones apart. Raises Polars' error if pyarrow fails too.
+    """
+    try:
+        df = pl.read_parquet(io.BytesIO(raw))
+        if not any(_nested_decimal(dtype) for dtype in df.schema.values()):
+            return df
+        error: BaseException = ValueError("a nested decimal")
+    except (Exception, PanicException) as exc:  # noqa: BLE001
+        error = exc
+    try:
+        table = pq.read_table(pa.BufferReader(raw))
+        return pl.from_arrow(table.cast(pa.schema([f.with_type(_polars_safe(f.type)) for f in table.schema])))
+    except (Exception, PanicException):  # noqa: BLE001 - not readable by either: Polars' reason
+        raise error from None
+
+
+def _nested_decimal(dtype: pl.DataType, top: bool = True) -> bool:
+    """Whether `dtype` holds a decimal in a struct, list or map."""
+    if isinstance(dtype, pl.Decimal):
+        return not top
+    if isinstance(dtype, pl.Struct):
+        return any(_nested_decimal(f.dtype, False) for f in dtype.fields)
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return _nested_decimal(dtype.inner, False)
+    if isinstance(dtype, pl.Map):
+        return _nested_decimal(dtype.key, False) or _nested_decimal(dtype.value, False)
+    return False
+
+
+def _polars_safe(t: pa.DataType, top: bool = True) -> pa.DataType:
+    """`t` with zones as UTC (Arrow stores UTC instants, the zone only labels them) and without 256-bit
+    decimals, which Polars panics converting: nested, they become the text Polars writes for a decimal in
+    JSON; a column of them becomes Float64, so an attribute stays a value that is not text."""
+    if pa.types.is_timestamp(t) and t.tz is not None:
+        return pa.timestamp(t.unit, "UTC")
+    if pa.types.is_decimal256(t):
+        return pa.float64() if top else pa.string()
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_polars_safe(t.field(i).type, False)) for i in range(t.num_fields)])
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        field = t.value_field.with_type(_polars_safe(t.value_type, False))
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(field, t.list_size)
+        return pa.list_(field) if pa.types.is_list(t) else pa.large_list(field)
+    if pa.types.is_map(t):
+        key, item = t.key_field, t.item_field
+        return pa.map_(
+            key.with_type(_polars_safe(key.type, False)), item.with_type(_polars_safe(item.type, False)), t.keys_sorted
+        )
+    if pa.types.is_dictionary(t):
+        return pa.dictionary(t.index_type, _polars_safe(t.value_type, top), t.ordered)
+    return t
+
+
+def _as_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr | None:
+    """`col` as String if it holds text, else None."""
+    if dtype == pl.String or isinstance(dtype, (pl.Categorical, pl.Enum)):
+        return col.cast(pl.String)
+    if dtype.is_extension() and dtype.ext_storage() == pl.String:  # e.g. arrow.json, Parquet's JSON type
+        return col.ext.storage()
+    return None
+
+
+def _null_text(col: pl.Expr) -> pl.Expr:
+    """A null String for each value of `col` (any type)."""
+    return pl.when(col.is_null()).then(pl.lit(None, pl.String))
+
+
+def _in_years(col: pl.Expr, dtype: pl.Date | pl.Datetime) -> pl.Expr:
+    """Whether each date or datetime is in years 1-9999. Polars panics formatting one past chrono's range
+    (years -262143..262142), which 64 bits of milliseconds or microseconds reach."""
+    if isinstance(dtype, pl.Date):
+        low, high = -719_162, 2_932_896  # days from 1970-01-01 to 0001-01-01 and 9999-12-31
+    else:
+        per_second = {"ms": 10**3, "us": 10**6, "ns": 10**9}[dtype.time_unit]
+        low = max(-62_135_596_800 * per_second, -(2**63))  # 0001-01-01 .. 10000-01-01 in seconds
+        high = min(253_402_300_800 * per_second - 1, 2**63 - 1)
+    return col.to_physical().is_between(low, high)
 
 
 def _time_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
-        utc = col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col.dt.convert_time_zone("UTC")
+        inside = _in_years(col, dtype)
+        safe = pl.when(inside).then(col)
+        utc = safe.dt.replace_time_zone("UTC") if dtype.time_zone is None else safe.dt.convert_time_zone("UTC")
         # formatted in the column's own unit: a cast to ns fails for years outside 1678-2261 (they are then
         # refused by validation as bad_time, like the same text in JSONL)
-        return utc.dt.strftime("%Y-%m-%dT%H:%M:%S%.9fZ").alias("time")
-    if dtype == pl.String:
-        return col
-    return pl.lit(None, pl.String).alias("time")
+        text = utc.dt.strftime("%Y-%m-%dT%H:%M:%S%.9fZ")
+        return pl.when(inside | col.is_null()).then(text).otherwise(pl.lit("<out of range>")).alias("time")
+    text = _as_text(col, dtype)
+    if text is not None:
+        return text.alias("time")
+    # a date, number, struct...: present but not a time, so bad_time (as a JSON number is in JSONL)
+    return pl.when(col.is_not_null()).then(pl.lit("<not a timestamp>")).alias("time")
 
 
 def _data_text(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Struct):
-        return col.map_batches(struct_json, return_dtype=pl.String).alias("data")
-    if dtype == pl.String:  # JSON text: the text `null` is a null payload, not a bad one
-        return pl.when(col.str.strip_chars() == "null").then(None).otherwise(col).alias("data")
-    if dtype == pl.Null:
-        return pl.lit(None, pl.String).alias("data")
-    # A list or number is not a JSON object; keep a readable trace so validation can reject it.
-    return pl.lit("<not an object>", pl.String).alias("data")
+        safe = _jsonable(col, dtype)
+        return (col if safe is None else safe).map_batches(struct_json, return_dtype=pl.String).alias("data")
+    text = _as_text(col, dtype)
+    if text is not None:  # JSON text: the text `null` is a null payload, not a bad one
+        return pl.when(text.str.strip_chars() == "null").then(None).otherwise(text).alias("data")
+    # A list, number, map or bytes is not a JSON object; keep a readable trace so validation can reject it.
+    # A null stays a null payload.
+    return pl.when(col.is_not_null()).then(pl.lit("<not an object>")).alias("data")
+
+
+def _jsonable(col: pl.Expr, dtype: pl.DataType) -> pl.Expr | None:
+    """`col` with the values Polars cannot write as JSON made null; None if there are none (the usual case).
+
+    Polars panics on bytes (JSON has none; like a non-string attribute they count as absent) and on dates
+    and datetimes past chrono's range (those outside years 1-9999 are nulled), and refuses a map whose keys
+    are not text (the whole map is nulled). A meter reading such a value finds it missing.
+    """
+    if dtype == pl.Binary:
+        return _null_text(col)
+    if isinstance(dtype, pl.Date) or (isinstance(dtype, pl.Datetime) and dtype.time_unit != "ns"):
+        return pl.when(_in_years(col, dtype)).then(col)
+    if isinstance(dtype, pl.Struct):
+        fields = {f.name: _jsonable(col.struct.field(f.name), f.dtype) for f in dtype.fields}
+        if all(safe is None for safe in fields.values()):
+            return None
+        rebuilt = [(col.struct.field(n) if safe is None else safe).alias(n) for n, safe in fields.items()]
+        return pl.when(col.is_not_null()).then(pl.struct(rebuilt))
+    if isinstance(dtype, pl.List):
+        inner = _jsonable(pl.element(), dtype.inner)
+        return None if inner is None else col.list.eval(inner)
+    if isinstance(dtype, pl.Map):
+        text_keys = _as_text(pl.element(), dtype.key) is not None
+        return None if text_keys and _jsonable(pl.element(), dtype.value) is None else _null_text(col)
+    if isinstance(dtype, pl.Array):
+        return None if _jsonable(pl.element(), dtype.inner) is None else _null_text(col)
+    if dtype.is_extension():
+        return None if _jsonable(pl.element(), dtype.ext_storage()) is None else _null_text(col)
+    return None
 
 
 MAX_NULL_PATTERNS = 256  # beyond this many distinct sets of present fields, encode the struct whole
