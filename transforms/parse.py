@@ -289,6 +289,8 @@ def parse_parquet(raw: bytes) -> Parsed:
             columns.append(pl.lit(None, pl.String).alias(name))
             continue
         have = df.schema[name]
+        if name == "time" and have == pl.Datetime("ms") and _stored_as_date(raw, name):
+            have = pl.Date()  # Polars reads Arrow's date64 as a Datetime(ms); a date is not a time, as date32
         if name == "time":
             columns.append(_time_text(pl.col(name), have))
         elif name == "data":
@@ -300,6 +302,16 @@ def parse_parquet(raw: bytes) -> Parsed:
     line = pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line")
     records = df.select(*columns, line)
     return Parsed(conform(records, {**ENVELOPE, "line": pl.Int64}), empty(MALFORMED), None, "parquet")
+
+
+def _stored_as_date(raw: bytes, name: str) -> bool:
+    """Whether the file's schema types column `name` as a date (only the footer is parsed)."""
+    try:
+        schema = pq.read_schema(pa.BufferReader(raw))
+    except Exception:  # noqa: BLE001 - Polars read it: the column stays what Polars says
+        return False
+    index = schema.get_field_index(name)
+    return index >= 0 and pa.types.is_date(schema.field(index).type)
 
 
 def _read_parquet(raw: bytes) -> pl.DataFrame:

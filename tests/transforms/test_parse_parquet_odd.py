@@ -144,10 +144,14 @@ def test_time_of_another_type_is_bad_time(time: pa.Array) -> None:
     assert reasons(parquet(envelope(time=time))) == ["bad_time"] * N
 
 
-def test_date64_time_is_midnight_utc() -> None:
-    # Polars reads an Arrow date64 (milliseconds since 1970) as a Datetime(ms): a timestamp at midnight
-    _, valid, _ = check(parquet(envelope(time=pa.array([dt.date(2024, 1, 1)] * N, pa.date64()))), N)
-    assert valid["time"].to_list() == [dt.datetime(2024, 1, 1, tzinfo=dt.UTC)] * N
+def test_date64_time_is_bad_time_like_date32() -> None:
+    # Polars reads an Arrow date64 (milliseconds since 1970) as a Datetime(ms); a date is still not a time
+    assert reasons(parquet(envelope(time=pa.array([dt.date(2024, 1, 1)] * N, pa.date64())))) == ["bad_time"] * N
+
+
+def test_millisecond_timestamp_time_is_still_a_time() -> None:
+    _, valid, _ = check(parquet(envelope(time=pa.array([T] * N, pa.timestamp("ms")))), N)
+    assert valid["time"].to_list() == [T_UTC] * N
 
 
 @pytest.mark.parametrize(
