@@ -315,38 +315,30 @@ def _stored_as_date(raw: bytes, name: str) -> bool:
 
 
 def _read_parquet(raw: bytes) -> pl.DataFrame:
-    """Read with Polars; if it fails, with pyarrow, the types Polars panics on replaced (`_polars_safe`).
+    """Read with Polars, or with pyarrow when the file's schema has types Polars cannot take (`_polars_safe`).
 
-    Polars panics (a BaseException, which `except Exception` lets through) on valid files, e.g. on a timestamp
-    zone it does not know ("+05:30"). Decimals nested in `data` are read by pyarrow too: Polars misreads
-    nested 256-bit ones (values after a null come out as 0.00) and panics on those of more than 38 digits, and
-    its schema does not tell 256-bit ones apart. Raises Polars' error if pyarrow fails too.
+    Polars panics (a BaseException, which `except Exception` lets through, after printing a Rust backtrace) on
+    valid files, e.g. on a timestamp zone label it does not know ("+05:30") or a decimal of more than 38 digits,
+    and misreads nested 256-bit decimals (values after a null come out as 0.00). The schema (the footer alone)
+    says when to go to pyarrow directly; a panic on anything else falls back to it too. Raises the first
+    reader's error if neither can read the file.
     """
     try:
-        df = pl.read_parquet(io.BytesIO(raw))
-        if not any(_nested_decimal(dtype) for dtype in df.schema.values()):
-            return df
-        error: BaseException = ValueError("a nested decimal")
-    except (Exception, PanicException) as exc:  # noqa: BLE001
-        error = exc
+        schema = pq.read_schema(pa.BufferReader(raw))
+        odd = any(_polars_safe(f.type) != f.type for f in schema)
+    except Exception:  # noqa: BLE001 - no readable footer: Polars says why
+        odd = False
+    error: BaseException | None = None
+    if not odd:
+        try:
+            return pl.read_parquet(io.BytesIO(raw))
+        except (Exception, PanicException) as exc:  # noqa: BLE001
+            error = exc
     try:
         table = pq.read_table(pa.BufferReader(raw))
         return pl.from_arrow(table.cast(pa.schema([f.with_type(_polars_safe(f.type)) for f in table.schema])))
-    except (Exception, PanicException):  # noqa: BLE001 - not readable by either: Polars' reason
-        raise error from None
-
-
-def _nested_decimal(dtype: pl.DataType, top: bool = True) -> bool:
-    """Whether `dtype` holds a decimal in a struct, list or map."""
-    if isinstance(dtype, pl.Decimal):
-        return not top
-    if isinstance(dtype, pl.Struct):
-        return any(_nested_decimal(f.dtype, False) for f in dtype.fields)
-    if isinstance(dtype, (pl.List, pl.Array)):
-        return _nested_decimal(dtype.inner, False)
-    if isinstance(dtype, pl.Map):
-        return _nested_decimal(dtype.key, False) or _nested_decimal(dtype.value, False)
-    return False
+    except (Exception, PanicException) as exc:  # noqa: BLE001 - not readable by either
+        raise (error or exc) from None
 
 
 def _polars_safe(t: pa.DataType, top: bool = True) -> pa.DataType:

@@ -511,3 +511,16 @@ def test_odd_struct_data_through_extraction() -> None:
     assert out["obj"]["excluded"].to_list() == ["bad_value", "missing_value", "bad_value"]
     assert out["lst"]["value"].to_list() == ["[1]", None, "[]"]
     assert out["bin"]["excluded"].to_list() == ["missing_value"] * N
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        {"time": pa.array([T] * N, pa.timestamp("us", "+05:30"))},
+        {"data": struct_of(pa.decimal256(60, 2), [decimal.Decimal("1.5")] * N)},
+    ],
+    ids=["zone_label", "decimal256"],
+)
+def test_known_odd_types_go_to_pyarrow_without_a_rust_panic_in_the_logs(capfd, column: dict) -> None:
+    check(parquet(envelope(**column)), N)
+    assert "panicked" not in capfd.readouterr().err
