@@ -90,11 +90,11 @@ def _doubtful(chain: list[str], text: pl.Expr | None) -> pl.Expr:
 
     - a key of the path written twice: the decoder keeps the first, the matcher the last (as OpenMeter does);
       counting the quoted key in the whole text also catches it in values or other objects (harmless);
-    - a `\\u` escape anywhere: a key may be spelled differently from the path;
+    - any escape (a backslash) anywhere: a key may be spelled differently from the path (`"a\\/b"`, `"\\u0061"`);
     - for group-by and UNIQUE_COUNT text (`text`), a number: the decoder writes `3.0` as `3`.
     """
     data = pl.col("data")
-    doubt = data.str.contains("\\u", literal=True)
+    doubt = data.str.contains("\\", literal=True)
     for name in dict.fromkeys(chain):
         doubt = doubt | (data.str.count_matches(json.dumps(name, ensure_ascii=False), literal=True) > 1)
     if text is not None:

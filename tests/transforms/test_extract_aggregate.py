@@ -617,3 +617,14 @@ def test_a_duplicate_key_takes_the_last_value_whether_decoded_or_matched() -> No
         paths = extract_paths(frame, meters, decode=decode).collect()
         assert paths[path_column("$.v")].to_list() == ["5", "2"]
         assert paths[path_column("$.k")].to_list() == ["b", "c"]
+
+
+def test_a_duplicate_key_spelled_with_an_escape_takes_the_last_value_too() -> None:
+    from transforms.extract import extract_paths, path_column
+
+    frame = pl.LazyFrame({"data": ['{"a\\/b": 1, "a/b": 5, "g": "x"}', '{"a/b": 2, "g": "y"}']})
+    meters = [make_meter("SUM", "$['a/b']", {"g": "$.g"})]
+    got = {
+        d: extract_paths(frame, meters, decode=d).collect()[path_column("$['a/b']")].to_list() for d in (True, False)
+    }
+    assert got[True] == got[False] == ["5", "2"]
