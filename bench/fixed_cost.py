@@ -37,7 +37,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+sys.path.insert(0, str(REPO / "tests"))  # the Prefect subprocess helpers shared with tests/flows/test_serve.py
+
+from prefect_processes import base_env, free_port  # noqa: E402
 
 
 @dataclass
@@ -111,15 +112,6 @@ def meterlake_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
 
 
-def base_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
-    """The caller's environment without any Prefect API or profile choice, plus the given ones."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(QUIET, PREFECT_HOME=str(prefect_home))
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
-
-
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> Run:
     """Run one process to its exit, output to `log`; wall seconds, CPU seconds and peak RSS."""
     with log.open("ab") as out:
@@ -135,12 +127,6 @@ def timed(cmd: list[str], env: dict[str, str], log: Path) -> Run:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}; output in {log}")
     return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

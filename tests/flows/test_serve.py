@@ -14,7 +14,6 @@ import inspect
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect_processes import base_env, free_port
 
 from flows import cli
 from meters import load_meters_file
@@ -31,26 +31,10 @@ from meters import load_meters_file
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 SERVER_TIMEOUT = 120  # seconds until /api/health answers (a first start creates and migrates the database)
 DEPLOY_TIMEOUT = 90  # seconds until `meterlake serve` has registered both deployments
 RUN_TIMEOUT = 180  # seconds until the triggered flow run reaches a final state
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
-    """The caller's environment without any Prefect API or profile choice, plus the given ones."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
-    env.update(QUIET, PREFECT_HOME=str(prefect_home))
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return env
 
 
 def executable(name: str) -> str:
