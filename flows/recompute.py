@@ -225,8 +225,9 @@ def _extract_all(
     by_type: dict, types: list[str], meters: list[Meter], billing: Billing, windows: pl.DataFrame
 ) -> list[pl.DataFrame]:
     """Path columns and windows of every type's events, collected together (the streaming engine spreads
-    the row-wise JSON work over every core). Numeric value paths are decoded in one parse per event; an
-    object or array where a number belongs makes the decoder fail, and then every path is matched."""
+    the row-wise JSON work over every core). Paths are decoded in one parse per event where they can be
+    (`extract_paths`); an object or array where text belongs makes the decoder fail, and then every path
+    is matched."""
 
     def queries(decode: bool) -> list[pl.LazyFrame]:
         return [

@@ -63,20 +63,20 @@ def extract_paths(events: pl.LazyFrame, meters: list[Meter] | tuple[Meter, ...],
     paths = sorted({p for m in meters for p in [m.value_path, *m.group_paths.values()] if p})
     text_paths = {p for m in meters for p in m.group_paths.values()}
     text_paths |= {m.value_path for m in meters if m.value_path and m.aggregation not in NUMERIC}
-    decodable = [p for p in paths if field_chain(p)] if decode else []
+    chains = {p: chain for p in paths if (chain := field_chain(p))} if decode else {}
+    decodable = [p for p in paths if p in chains]
     # one path is one parse either way; the decoder's checks make it the slower of the two
-    dtype = _decode_dtype([field_chain(p) or [] for p in decodable]) if len(decodable) > 1 else None
+    dtype = _decode_dtype([chains[p] for p in decodable]) if len(decodable) > 1 else None
     data = pl.col("data")
     columns = [data.str.json_path_match(p).alias(path_column(p)) for p in paths if dtype is None or p not in decodable]
     if dtype is None:
         return events.with_columns(columns)
     decoded = pl.col(_DECODED)  # decoded once in its own column: each use of the expression would parse again
     for p in decodable:
-        chain = field_chain(p) or []
         field = decoded
-        for name in chain:
+        for name in chains[p]:
             field = field.struct.field(name)
-        doubt = _doubtful(chain, field if p in text_paths else None)
+        doubt = _doubtful(chains[p], field if p in text_paths else None)
         matched = pl.when(doubt).then(data).str.json_path_match(p)  # null text elsewhere: nearly free
         columns.append(pl.when(doubt).then(matched).otherwise(field).alias(path_column(p)))
     return events.with_columns(data.str.json_decode(dtype).alias(_DECODED)).with_columns(columns).drop(_DECODED)

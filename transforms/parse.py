@@ -280,7 +280,11 @@ def parse_parquet(raw: bytes) -> Parsed:
     struct (see `struct_json`, `_jsonable`); any other non-null value is `bad_data`.
     """
     try:
-        df = _read_parquet(raw)
+        schema: pa.Schema | None = pq.read_schema(pa.BufferReader(raw))  # the footer alone
+    except Exception:  # noqa: BLE001 - no readable footer: the read below says why
+        schema = None
+    try:
+        df = _read_parquet(raw, schema)
     except (Exception, PanicException) as exc:  # noqa: BLE001 - truncated or corrupt file: quarantine it whole
         return _unreadable(f"unreadable Parquet: {str(exc).splitlines()[0][:200]}", "parquet")
     columns = []
@@ -289,9 +293,9 @@ def parse_parquet(raw: bytes) -> Parsed:
             columns.append(pl.lit(None, pl.String).alias(name))
             continue
         have = df.schema[name]
-        if name == "time" and have == pl.Datetime("ms") and _stored_as_date(raw, name):
-            have = pl.Date()  # Polars reads Arrow's date64 as a Datetime(ms); a date is not a time, as date32
         if name == "time":
+            if _stored_as_date(schema, name):  # Polars reads Arrow's date64 as a Datetime(ms): not a time either
+                have = pl.Date()
             columns.append(_time_text(pl.col(name), have))
         elif name == "data":
             columns.append(_data_text(pl.col(name), have))
@@ -304,30 +308,22 @@ def parse_parquet(raw: bytes) -> Parsed:
     return Parsed(conform(records, {**ENVELOPE, "line": pl.Int64}), empty(MALFORMED), None, "parquet")
 
 
-def _stored_as_date(raw: bytes, name: str) -> bool:
-    """Whether the file's schema types column `name` as a date (only the footer is parsed)."""
-    try:
-        schema = pq.read_schema(pa.BufferReader(raw))
-    except Exception:  # noqa: BLE001 - Polars read it: the column stays what Polars says
-        return False
-    index = schema.get_field_index(name)
+def _stored_as_date(schema: pa.Schema | None, name: str) -> bool:
+    """Whether the file's schema types column `name` as a date."""
+    index = -1 if schema is None else schema.get_field_index(name)
     return index >= 0 and pa.types.is_date(schema.field(index).type)
 
 
-def _read_parquet(raw: bytes) -> pl.DataFrame:
+def _read_parquet(raw: bytes, schema: pa.Schema | None) -> pl.DataFrame:
     """Read with Polars, or with pyarrow when the file's schema has types Polars cannot take (`_polars_safe`).
 
     Polars panics (a BaseException, which `except Exception` lets through, after printing a Rust backtrace) on
     valid files, e.g. on a timestamp zone label it does not know ("+05:30") or a decimal of more than 38 digits,
     and misreads nested 256-bit decimals (values after a null come out as 0.00). The schema (the footer alone)
     says when to go to pyarrow directly; a panic on anything else falls back to it too. Raises the first
-    reader's error if neither can read the file.
+    reader's error if neither can read the file. `schema`: the file's, None if its footer is unreadable.
     """
-    try:
-        schema = pq.read_schema(pa.BufferReader(raw))
-        odd = any(_polars_safe(f.type) != f.type for f in schema)
-    except Exception:  # noqa: BLE001 - no readable footer: Polars says why
-        odd = False
+    odd = schema is not None and any(_polars_safe(f.type) != f.type for f in schema)
     error: BaseException | None = None
     if not odd:
         try:
