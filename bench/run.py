@@ -473,7 +473,7 @@ def full_mode(args: argparse.Namespace, rep: Report, meterset: MeterSet, out: Pa
     table: list[tuple[str, str, dict[str, float]]] = []
     loads = [loadavg()[0]]
     for fmt in args.formats:
-        ds = dataset(out, fmt, args.events, args.files)
+        ds = dataset(out, fmt, args.events, args.files, subjects=args.subjects)
         clean = clean_jsonl(ds) if fmt == "jsonl" else None
         rep.note(
             f"{fmt}: {len(ds.files)} files in {ds.landing}"
@@ -668,6 +668,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", type=parse_count, help="--incremental: events of history (default 10x --events)")
     p.add_argument("--new", type=parse_count, help="--incremental: events in the new batch (default --events/10)")
     p.add_argument("--days", type=float, default=60, help="--incremental: days of history (default 60)")
+    p.add_argument(
+        "--subjects",
+        type=int,
+        default=GENERATOR_DEFAULTS["subjects"],
+        help="distinct subjects in the generated data (default 2000; fewer: more events per table row)",
+    )
     p.add_argument("--profile", action="store_true", help="also run meterlake once under cProfile and print the top")
     p.add_argument("--no-warmup", action="store_true", help="skip the tiny untimed warm-up run of each engine")
     p.add_argument("--out", default=str(HERE / "out"), help="data cache and work folder (default bench/out)")
@@ -677,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     args.history = args.history or 10 * args.events
     args.new = args.new or max(args.events // 10, 100)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.subjects < 1:
+        p.error("--subjects must be >= 1")
     if args.repeat < 1 or args.files < 1 or not set(args.formats) <= {"jsonl", "parquet"} or not args.formats:
         p.error("--repeat and --files must be >= 1; --formats is a list of jsonl, parquet")
     try:
@@ -694,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     rep = Report()
     mode = "incremental" if args.incremental else "full"
     sizes = (
-        f"history {human(args.history)}, new {human(args.new)}" if args.incremental else f"{human(args.events)} events"
+        f"history {human(args.history)}, new {human(args.new)}"
+        if args.incremental
+        else f"{human(args.events)} events, {args.subjects} subjects"
     )
     rep.note(
         f"meterlake benchmark, mode {mode}: {sizes}, {args.files} files, repeat {args.repeat}, meters {args.meters}"
