@@ -21,6 +21,7 @@ from transforms.aggregate import PARTIAL, pack_partials, unpack_partials
 from transforms.extract import extract, extract_paths
 from transforms.schema import EVENT, QUARANTINE, conform
 from transforms.tables import (
+    collect_tables,
     exclusions,
     hourly_table,
     key_runs,
@@ -195,7 +196,7 @@ def recompute_days(
         queries.append(hourly_table(ext.filter(in_touched), meter))
         queries.append(exclusions(ext.filter(in_touched), meter))
         queries.append(period_partials(ext, meter, billing, windows, ("date",)))
-    results = pl.collect_all(queries) if queries else []
+    results = collect_tables(queries) if queries else []
     del extracted
     existing = _existing_partitions(storage, meters, days)
     counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
@@ -301,7 +302,7 @@ def recompute_periods(
         for group in [meters] if together else [[m] for m in meters]:
             stored = _stored_partials(storage, files, group, windows)
             queries = [period_from_partials(unpack_partials(stored.lazy(), m), m, billing) for m in group]
-            tables = pl.collect_all(queries) if stored.height else [pl.DataFrame() for _ in group]
+            tables = collect_tables(queries) if stored.height else [pl.DataFrame() for _ in group]
             del stored
             for meter, table in zip(group, tables, strict=True):
                 written = publish(storage, table, "period_start", [start], _period_path(meter.slug), existing)
@@ -320,8 +321,10 @@ def _stored_partials(storage: Storage, files: list[str], meters: list[Meter], wi
     if not files:
         return pl.DataFrame(schema=PARTIAL)
     slugs = [m.slug for m in meters]
-    frame = storage.scan_parquet(files).filter(pl.col("meter").is_in(slugs) & pl.col("window_start").is_not_null())
-    return frame.join(windows.lazy(), on="window_start", how="semi").collect()
+    # A filter, not a semi join: a join does not promise to keep the files' row order, and the sums that
+    # combine these rows depend on their order to the last bit (see `collect_tables`).
+    wanted = pl.col("window_start").is_in(windows["window_start"].implode())
+    return storage.scan_parquet(files).filter(pl.col("meter").is_in(slugs) & wanted).collect()
 
 
 # --- publishing ------------------------------------------------------------------------------------

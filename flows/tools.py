@@ -26,7 +26,7 @@ from transforms.extract import extract
 from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
 from transforms.query import EVENT_COLUMNS, Query, QueryError, in_range, make_query, run_query, utc_dates
 from transforms.schema import EVENT, QUARANTINE, conform, empty
-from transforms.tables import exclusions, period_table
+from transforms.tables import collect_tables, exclusions, period_table
 from transforms.validate import REASONS, validate
 from transforms.windows import period_table as periods_for_dates
 
@@ -515,9 +515,10 @@ def preview(
     for meter in meterset.meters:
         of_type = events.filter(pl.col("type") == meter.event_type)
         extracted = extract(of_type.lazy(), meter)
-        table = period_table(extracted, meter, billing, periods).collect()
+        table, excluded = collect_tables(
+            [period_table(extracted, meter, billing, periods), exclusions(extracted, meter)]
+        )
         table = table.sort(["window_start", "subject", *meter.group_paths], nulls_last=True)
-        excluded = exclusions(extracted, meter).collect()
         rows[meter.slug] = table
         excluded_parts.append(excluded)
         if stored is None:
