@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ def event(
         "data": data,
         **extra,
     }
+
+
+def rounding_events(n: int, subjects: int, seed: int = 3) -> list[dict]:
+    """`prompt` events over two UTC days, many (subject, model) groups, token values of very different sizes:
+    sums whose last bits depend on the order their rows are added in."""
+    rng = random.Random(seed)
+    return [
+        event(
+            str(i),
+            f"2024-01-{1 + i % 2:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
+            subject=f"customer-{i * 7919 % subjects}",
+            data={"tokens": rng.uniform(0, 1000) * rng.choice([1e-3, 1.0, 1e3]), "model": f"m{i % 10}"},
+        )
+        for i in range(n)
+    ]
 
 
 def jsonl(events: list[dict | str]) -> bytes:

@@ -398,18 +398,9 @@ meters:
 def test_incremental_equals_from_scratch_to_the_last_bit(tmp_path: Path) -> None:
     """Sums whose rounding depends on the order of their rows: two runs equal one run exactly, not within a
     tolerance (Polars' streaming engine broke this; the tables are collected on the in-memory engine)."""
-    from support import event, jsonl, run
+    from support import jsonl, rounding_events, run
 
-    rng = random.Random(3)
-    lines = [
-        event(
-            str(i),
-            f"2024-01-{1 + i % 2:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
-            subject=f"customer-{i * 7919 % 500}",
-            data={"tokens": rng.uniform(0, 1000) * rng.choice([1e-3, 1.0, 1e3]), "model": f"m{i % 10}"},
-        )
-        for i in range(40_000)
-    ]
+    lines = rounding_events(40_000, subjects=500)
     first, second = jsonl(lines[:25_000]), jsonl(lines[25_000:])
     two_runs, one_run = local_root(tmp_path / "two"), local_root(tmp_path / "one")
     land(two_runs, "1.jsonl", first, mtime=1_700_000_000)

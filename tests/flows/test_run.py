@@ -19,7 +19,7 @@ from flows import pipeline
 from flows.storage import Storage
 from meters import parse_meters
 
-from support import event, jsonl, land, local_root, parquet_bytes, table
+from support import event, jsonl, land, local_root, parquet_bytes, rounding_events, table
 
 METERS = parse_meters(
     """
@@ -98,20 +98,8 @@ def test_a_second_run_with_nothing_new_changes_nothing(tmp_path: Path) -> None:
 def test_a_backfill_run_twice_writes_the_same_bytes(tmp_path: Path) -> None:
     """Idempotent to the last bit: many groups whose sums round differently if their rows are added in
     another order (Polars' streaming engine did that from one computation to the next)."""
-    import random
-
     storage = local_root(tmp_path)
-    rng = random.Random(3)
-    lines = [
-        event(
-            str(i),
-            f"2024-01-{1 + i % 2:02d}T{i % 24:02d}:{i % 60:02d}:00Z",
-            subject=f"customer-{i * 7919 % 2000}",
-            data={"tokens": rng.uniform(0, 1000) * rng.choice([1e-3, 1.0, 1e3]), "model": f"m{i % 10}"},
-        )
-        for i in range(40_000)
-    ]
-    land(storage, "a.jsonl", jsonl(lines))
+    land(storage, "a.jsonl", jsonl(rounding_events(40_000, subjects=2000)))
     quiet_run(storage)
     snapshots = [all_files(storage)]
     for _ in range(2):
