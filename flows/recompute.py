@@ -196,7 +196,7 @@ def recompute_days(
         queries.append(hourly_table(ext.filter(in_touched), meter))
         queries.append(exclusions(ext.filter(in_touched), meter))
         queries.append(period_partials(ext, meter, billing, windows, ("date",)))
-    results = collect_tables(queries) if queries else []
+    results = collect_tables(queries)
     del extracted
     existing = _existing_partitions(storage, meters, days)
     counts = {m.slug: {"hourly_rows": 0, "excluded": 0} for m in meters}
