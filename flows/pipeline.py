@@ -21,7 +21,7 @@ from flows import recompute, state
 from flows.recompute import EVENTS, event_file_infos_by_date, hourly_file, period_file  # noqa: F401 - re-exported
 from flows.storage import TMP, FileInfo, Storage, arrow_for_readers
 from meters import Billing, MeterSet
-from transforms.dedupe import dedupe
+from transforms.dedupe import KEY, dedupe
 from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import key_runs
@@ -292,21 +292,19 @@ def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
 
 
 def dedupe_against_store(storage: Storage, new: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """`dedupe` with the stored keys of one UTC date at a time (memory follows a day, not the history)."""
+    """`dedupe` against the stored events of the dates `new` falls on.
+
+    One streaming scan keeps only the stored keys whose id hashes like a new id (a superset of the
+    duplicates; `dedupe` then matches the whole key exactly), so the work and memory past the read follow
+    the new events, not everything stored on their dates.
+    """
     by_date = event_files_by_date(storage)
-    if not set(by_date) & set(new["date"].unique().to_list()):  # nothing stored on these dates yet
+    files = [f for day in new["date"].unique().sort().to_list() for f in by_date.get(day, [])]
+    if not files:  # nothing stored on these dates yet
         return dedupe(new)
-    kept_parts, dup_parts = [], []
-    for (day,), part in new.with_row_index("_landing").group_by(["date"], maintain_order=True):
-        files = by_date.get(str(day), [])
-        keys = storage.scan_parquet(files).select("date", "source", "id").collect() if files else None
-        kept, dups = dedupe(part, keys)
-        kept_parts.append(kept)
-        dup_parts.append(dups)
-    if not kept_parts:
-        return dedupe(new)
-    kept, dups = pl.concat(kept_parts).sort("_landing"), pl.concat(dup_parts).sort("_landing")
-    return kept.drop("_landing"), dups.drop("_landing")
+    new_ids = new.select(pl.col("id").hash().unique()).to_series().implode()
+    keys = storage.scan_parquet(files).select(KEY).filter(pl.col("id").hash().is_in(new_ids)).collect()
+    return dedupe(new, keys)
 
 
 def merge_touched(a: dict, b: dict) -> dict:
