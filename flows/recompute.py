@@ -245,10 +245,19 @@ def _of(meters: list[Meter], event_type: str) -> list[Meter]:
     return [m for m in meters if m.event_type == event_type]
 
 
+# The order rows are aggregated in decides the last bits of a float sum. Event files sort by run id, which
+# is not always ingest order (two runs in one second; a run for an earlier scheduled time), and one run
+# stores in one file what two runs store in two. So a slice's rows are put in an order that depends only on
+# the stored events: by date, landed file and batch; a batch's rows on a date are in one file, in line order,
+# which the stable sort keeps.
+CANONICAL_ORDER = ["date", "file", "batch"]
+
+
 def _read_events(storage: Storage, files: list[str], types: list[str]) -> pl.DataFrame:
     if not files:
         return pl.DataFrame(schema={c: EVENT[c] for c in DAY_COLUMNS})
-    return storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS).collect()
+    scan = storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS)
+    return scan.sort(CANONICAL_ORDER, maintain_order=True).collect()
 
 
 def _kept_rows(
