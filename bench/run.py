@@ -17,9 +17,10 @@ and the generator's source hash. For each format and each repeat, in this one pr
 
 Wall time (perf_counter), CPU time of the process, events per second (records / median seconds) and
 peak RSS (VmRSS sampled every 5 ms in a thread; peak minus the RSS at the phase start, the absolute
-peak, and the RSS at the phase start: a phase after a bigger one starts with memory the allocator kept, and
-its delta then understates its need, which a ``#`` note says) are printed as ``name value unit`` lines, then a table. Medians are over repeats; ratios are of
-median seconds in this run (``a_over_b`` = seconds of a / seconds of b).
+peak, and the RSS at the phase start: a phase after a bigger one starts with memory the allocator kept,
+and its delta then understates its need, which a ``#`` note says) are printed as ``name value unit``
+lines, then a table. Medians are over repeats; ratios are of median seconds in this run (``a_over_b`` =
+seconds of a / seconds of b).
 """
 
 from __future__ import annotations
