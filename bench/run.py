@@ -420,7 +420,8 @@ def engine_figures(rep: Report, prefix: str, samples: list[Sample], records: int
     if start - PROCESS_RSS_AT_START / MB > 500:
         rep.note(
             f"{prefix}: this phase started at {start:.0f} MB RSS, memory an earlier phase freed but the allocator "
-            "kept, so its peak_rss_delta understates what it needs; measure it alone (--formats X, in its own process)"
+            "kept, so its peak_rss_delta understates what it needs; measure it in a process of its own "
+            "(in full mode: --formats with one format)"
         )
     steps = sorted({k for s in samples for k in s.steps})
     for k in steps:
