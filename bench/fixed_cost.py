@@ -17,6 +17,10 @@ timed from just before it is spawned to its exit (wall time, perf_counter):
   its temporary server inside the run: once with a fresh PREFECT_HOME (the database is created and
   migrated), then again with that same PREFECT_HOME.
 
+Before the server runs, two floors: ``python_only`` (a fresh interpreter that exits) and ``import_prefect``
+(a fresh interpreter that runs ``import prefect`` and exits). No run with Prefect in its process can take
+less than ``import_prefect``.
+
 Then, in one separate Python process (so this script never imports Prefect): the import of the flow
 module, and the flow call itself (`flows.prefect_flows.run_hourly`) timed around the call against the
 running server, ``--repeat`` times after one untimed call. That separates interpreter start, imports and
@@ -240,6 +244,13 @@ def main() -> int:
         fig.runs("plain", [timed(run, plain_env(work), log) for _ in range(args.repeat)])
         runs += args.repeat
         load(fig, "after_plain")
+
+        # The floor of any run with Prefect: a fresh interpreter that imports Prefect and exits.
+        floor_env = base_env(work / "home-import")
+        fig.runs("python_only", [timed([sys.executable, "-c", "pass"], floor_env, log) for _ in range(args.repeat)])
+        importing = [sys.executable, "-c", "import prefect"]
+        fig.runs("import_prefect", [timed(importing, floor_env, log) for _ in range(args.repeat)])
+        load(fig, "after_import_prefect")
 
         with prefect_server(work / "home-server", work / "server.log") as (url, startup):
             fig.line("server_start", startup, "s")
