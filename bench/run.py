@@ -687,10 +687,18 @@ def main(argv: list[str] | None = None) -> int:
         default=GENERATOR_DEFAULTS["subjects"],
         help="distinct subjects in the generated data (default 2000; fewer: more events per table row)",
     )
+    p.add_argument(
+        "--fixed-cost",
+        action="store_true",
+        help="time runs with nothing new instead (bench/fixed_cost.py in its own process; --repeat runs each)",
+    )
     p.add_argument("--profile", action="store_true", help="also run meterlake once under cProfile and print the top")
     p.add_argument("--no-warmup", action="store_true", help="skip the tiny untimed warm-up run of each engine")
     p.add_argument("--out", default=str(HERE / "out"), help="data cache and work folder (default bench/out)")
     args = p.parse_args(argv)
+    if args.fixed_cost:  # a process of its own: this one never imports Prefect
+        script = [sys.executable, str(HERE / "fixed_cost.py"), "--repeat", str(args.repeat or 5)]
+        return subprocess.call([*script, "--meters", str(Path(args.meters).resolve())], cwd=REPO)
     args.events = args.events or (100_000 if args.quick else 1_000_000)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.history = args.history or 10 * args.events
