@@ -637,7 +637,9 @@ def test_invalid_yaml_is_a_meter_config_error(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- b\n", "just text\n", "meters: 5\n"])
 def test_document_without_a_meters_list(text: str) -> None:
-    problems_of(text)
+    problem = only_problem(text)
+    assert problem.where in ("file", "meters")
+    assert "'meters:' list" in problem.message
 
 
 def test_empty_meters_list_is_allowed() -> None:
