@@ -241,22 +241,25 @@ def main() -> int:
         run = [*meterlake_command(), "run", "--root", str(root), "--meters", str(meters)]
 
         load(fig, "before")
-        fig.runs("plain", [timed(run, plain_env(work), log) for _ in range(args.repeat)])
+
+        def repeated(cmd: list[str], env: dict[str, str]) -> list[Run]:
+            return [timed(cmd, env, log) for _ in range(args.repeat)]
+
+        fig.runs("plain", repeated(run, plain_env(work)))
         runs += args.repeat
         load(fig, "after_plain")
 
         # The floor of any run with Prefect: a fresh interpreter that imports Prefect and exits.
         floor_env = base_env(work / "home-import")
-        fig.runs("python_only", [timed([sys.executable, "-c", "pass"], floor_env, log) for _ in range(args.repeat)])
-        importing = [sys.executable, "-c", "import prefect"]
-        fig.runs("import_prefect", [timed(importing, floor_env, log) for _ in range(args.repeat)])
+        fig.runs("python_only", repeated([sys.executable, "-c", "pass"], floor_env))
+        fig.runs("import_prefect", repeated([sys.executable, "-c", "import prefect"], floor_env))
         load(fig, "after_import_prefect")
 
         with prefect_server(work / "home-server", work / "server.log") as (url, startup):
             fig.line("server_start", startup, "s")
             env = base_env(work / "home-client", url)
             fig.line("server_first_run", timed([*run, "--prefect"], env, log).seconds, "s")
-            fig.runs("server", [timed([*run, "--prefect"], env, log) for _ in range(args.repeat)])
+            fig.runs("server", repeated([*run, "--prefect"], env))
             runs += 1 + args.repeat
             load(fig, "after_server")
             calls = flow_calls(root, meters, env, args.repeat, log)
