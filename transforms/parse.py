@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import re
 import zlib
 from collections.abc import Iterable
@@ -33,8 +34,9 @@ MALFORMED = {"line": pl.Int64, "raw": pl.String, "message": pl.String}
 
 # Polars writes a nested `data` object back as text escaping only `"`, \n and \r: a backslash, tab or other
 # control character comes out raw ({"p": "C:\\x"} becomes {"p": "C:\x"}), so the text is not JSON, or is other
-# JSON, and every value of that event is lost. Lines whose source holds such an escape are re-encoded.
-_UNSAFE_ESCAPE = re.compile(rb"\\(?:[\\tbf]|u00[01][0-9a-fA-F])")
+# JSON, and every value of that event is lost. Lines whose source holds such an escape (a backslash written
+# as `\\` or as `\u005c`, a control character as `\t`, `\b`, `\f` or `\u0000`-`\u001f`) are re-encoded.
+_UNSAFE_ESCAPE = re.compile(rb"\\(?:[\\tbf]|u00[01][0-9a-fA-F]|u005[cC])")
 
 
 class Lines:
@@ -226,9 +228,8 @@ def _check_string_types(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
     fixes: dict[str, list[int]] = {a: [] for a in STRING_ATTRS}
     numbers = suspects["line"].to_list()
     for number, line in zip(numbers, lines.get(numbers), strict=True):
-        try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError:  # Polars read it; orjson is stricter (e.g. integers past 64 bits)
+        value = _loads_leniently(line)
+        if not isinstance(value, dict):
             continue
         for attr in STRING_ATTRS:
             if attr in value and value[attr] is not None and not isinstance(value[attr], str):
@@ -238,6 +239,19 @@ def _check_string_types(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
         for attr, numbers in fixes.items()
         if numbers
     )
+
+
+def _loads_leniently(line: bytes) -> object:
+    """The JSON value of a line Polars read, or None. orjson first; Python's parser where orjson is stricter
+    than Polars (a lone surrogate escape such as `\\ud800`), so no line escapes the type check."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _repair_data(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:

@@ -237,6 +237,24 @@ def test_non_string_attribute_fails_validation(changes: dict, reason: str) -> No
     assert rejected.select("line", "reason").rows() == [(2, reason)]
 
 
+def test_non_string_subject_on_a_line_with_a_lone_surrogate_becomes_null() -> None:
+    # orjson refuses the lone surrogate escape that Polars reads; the type check must still see the line.
+    raw = jsonl(line("ok"), line("bad", subject=123).replace('"src"', '"src\\ud800"'))
+    records = parse_jsonl(raw).records
+    assert records.filter(pl.col("line") == 2)["subject"].to_list() == [None]
+    assert records.filter(pl.col("line") == 1)["subject"].to_list() == ["customer-1"]
+
+
+@pytest.mark.parametrize("escape", ["\\u005c", "\\u005C", "\\\\"], ids=["u005c", "u005C", "backslash"])
+def test_backslashes_in_data_keep_their_meaning(escape: str) -> None:
+    # Polars writes a decoded backslash back raw: "x\\n" (backslash, n) would become a newline, "y\\" broken JSON.
+    text = '{"g": "x' + escape + 'n", "h": "y' + escape + '", "v": 1}'
+    raw = jsonl(line("esc").replace('{"tokens": "esc"}', text), line("plain"))
+    data = parse_jsonl(raw).records["data"].to_list()
+    assert json.loads(data[0]) == {"g": "x\\n", "h": "y\\", "v": 1}
+    assert json.loads(data[1]) == {"tokens": "plain"}
+
+
 def test_numeric_looking_strings_stay_strings() -> None:
     raw = jsonl(line("5", subject="123", source="true", type="{x"))
     row = parse_jsonl(raw).records.row(0, named=True)
