@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import polars as pl
 
 from transforms.schema import ENVELOPE, TIME
@@ -18,7 +19,7 @@ REASONS = {
     "missing_subject": "subject is absent, null, empty or not a string",
     "missing_time": "time is absent or null",
     "bad_time": "time is not RFC 3339 with an offset (e.g. 2024-01-01T00:00:00Z), or its year is not 1678-2261",
-    "bad_data": "data is present but is not a JSON object or null",
+    "bad_data": "data is present but is not a JSON object or null (or is not valid JSON)",
 }
 
 
@@ -41,8 +42,44 @@ def parse_time(text: pl.Expr) -> pl.Expr:
     return pl.when(text.str.contains(RFC3339) & in_range).then(parsed).otherwise(None).cast(TIME)
 
 
+# A surrogate escape (\ud800-\udfff): Polars' JSON reader takes a lone one, orjson (and I-JSON) does not.
+_SURROGATE_ESCAPE = r"\\[uU][dD][89a-fA-F]"
+
+
+def json_objects(data: pl.Series) -> pl.Series:
+    """Per row, whether `data` is one JSON object (whitespace around it allowed) or null.
+
+    Most `data` text was written by a parser from a parsed object, but Parquet text columns and JSONL
+    payloads sent as a JSON string are the producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an
+    event that counts for COUNT and is `missing_value` everywhere else. The verdict is orjson's (strict RFC
+    8259: no NaN, no numbers beyond Float64, no raw control characters, no lone surrogates). Polars decodes
+    the whole column at native speed first; only if that fails, or a surrogate escape is present, is each
+    row checked with orjson (Polars' decoder fails the whole column and cannot say which row).
+    """
+    texts = data.to_frame("data").lazy().filter(pl.col("data").is_not_null())
+    try:
+        checked = texts.select(
+            surrogates=pl.col("data").str.contains(_SURROGATE_ESCAPE).any(),
+            objects=pl.col("data").str.strip_chars(" \t\n\r").str.starts_with("{").all(),
+            decoded=pl.col("data").str.json_decode(pl.Struct({})).len(),
+        ).collect(engine="streaming")
+        if checked["objects"].item() and not checked["surrogates"].item():
+            return pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True)
+    except pl.exceptions.ComputeError:
+        pass
+    return pl.Series("data", [text is None or _is_object(text) for text in data.to_list()], dtype=pl.Boolean)
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def reason_expr() -> pl.Expr:
-    """The first failing check, in the SPEC's order; null for a valid record (needs column `_time`)."""
+    """The first failing check, in the SPEC's order; null for a valid record (needs columns `_time` and
+    `_data_ok`, see `json_objects`)."""
     return (
         pl.when(_missing("id"))
         .then(pl.lit("missing_id"))
@@ -56,7 +93,7 @@ def reason_expr() -> pl.Expr:
         .then(pl.lit("missing_time"))
         .when(pl.col("_time").is_null())
         .then(pl.lit("bad_time"))
-        .when(pl.col("data").is_not_null() & ~pl.col("data").str.starts_with("{"))
+        .when(~pl.col("_data_ok"))
         .then(pl.lit("bad_data"))
         .otherwise(None)
     )
@@ -67,12 +104,16 @@ def validate(records: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
     Rejected rows keep the envelope text plus `reason` and `message`.
     """
-    checked = records.lazy().with_columns(_time=parse_time(pl.col("time"))).with_columns(_reason=reason_expr())
+    checked = (
+        records.lazy()
+        .with_columns(_time=parse_time(pl.col("time")), _data_ok=json_objects(records["data"]))
+        .with_columns(_reason=reason_expr())
+    )
     valid = (
         checked.filter(pl.col("_reason").is_null())
         .with_columns(time=pl.col("_time"))
         .with_columns(date=pl.col("time").dt.strftime("%Y-%m-%d"))
-        .drop("_time", "_reason")
+        .drop("_time", "_reason", "_data_ok")
     )
     rejected = (
         checked.filter(pl.col("_reason").is_not_null())
@@ -81,7 +122,7 @@ def validate(records: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             message=pl.col("_reason").replace_strict(REASONS, default=None, return_dtype=pl.String),
             raw=pl.struct(list(ENVELOPE)).struct.json_encode(),
         )
-        .drop("_time", "_reason")
+        .drop("_time", "_reason", "_data_ok")
     )
     # The streaming engine spreads the row-wise parsing over every core (the in-memory one uses one per column).
     valid_df, rejected_df = pl.collect_all([valid, rejected], engine="streaming")

@@ -122,6 +122,56 @@ def test_data_object_or_null_is_valid(data) -> None:
     assert reason_of(record(data=data)) is None
 
 
+# Text that the producer sent as text (a Parquet string column, a JSONL payload sent as a JSON string) is
+# checked in full, not by its first character.
+NOT_JSON_OBJECTS = {
+    "unterminated": '{"v": 1,',
+    "not_json": "{not json}",
+    "nan": '{"v": NaN}',
+    "beyond_float64": '{"v": 1e400}',
+    "trailing_text": '{"v": 4} trailing',
+    "two_objects": '{"a": 1}{"b": 2}',
+    "trailing_comma": '{"a": 1,}',
+    "leading_zero": '{"a": 01}',
+    "raw_control_character": '{"a": "x\ty"}',
+    "lone_surrogate": '{"a": "\\ud800"}',
+    "array": "[1]",
+}
+JSON_OBJECTS = {
+    "compact": '{"v":1}',
+    "spaced": ' {"v": 3}\n',
+    "nested": '{"a": [1, {"b": null}], "c": -0.0, "d": 1E+2}',
+    "big_integer": '{"g": 123456789012345678901234567890}',
+    "largest_float_in_full": '{"v": 1797693134862315' + "7" + "0" * 292 + ".0}",  # how Polars writes 1.8e308
+    "escapes": '{"a": "\\ud83d\\ude00 \\u0000 \\\\"}',
+}
+
+
+def _text_data(texts: list[str]) -> pl.DataFrame:
+    rows = [{**record(id=f"e{i}"), "data": t} for i, t in enumerate(texts)]
+    return pl.DataFrame(rows, schema=ENVELOPE)
+
+
+@pytest.mark.parametrize("text", NOT_JSON_OBJECTS.values(), ids=NOT_JSON_OBJECTS.keys())
+def test_data_text_that_is_not_a_json_object_is_bad_data(text: str) -> None:
+    valid, rejected = validate(_text_data(['{"v": 1}', text]))  # a good row beside it: verdicts are per row
+    assert valid["id"].to_list() == ["e0"]
+    assert rejected.select("id", "reason").rows() == [("e1", "bad_data")]
+    # The same text sent inside a JSONL record as a JSON string (a double-encoded payload).
+    assert reason_of(record(data=text)) == "bad_data"
+
+
+@pytest.mark.parametrize("text", JSON_OBJECTS.values(), ids=JSON_OBJECTS.keys())
+def test_data_text_that_is_a_json_object_is_valid(text: str) -> None:
+    valid, rejected = validate(_text_data([text]))
+    assert rejected.is_empty()
+    assert valid["data"].to_list() == [text]
+    # The same verdict when a bad row beside it sends the whole column to the row-by-row check.
+    valid, rejected = validate(_text_data([text, "{bad"]))
+    assert valid["id"].to_list() == ["e0"] and rejected["id"].to_list() == ["e1"]
+    assert reason_of(record(data=text)) is None
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
