@@ -1,16 +1,18 @@
-"""flows.pipeline pieces below a whole run: deduplication against the curated store."""
+"""flows.pipeline: deduplication against the curated store, and the order in which a run writes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import polars as pl
+import pytest
 
-from flows import pipeline
+from flows import pipeline, state
+from flows.storage import Storage
 from transforms.dedupe import dedupe
 from transforms.schema import EVENT, conform
 
-from support import local_root
+from support import event, jsonl, land, local_root, meterset, run
 
 
 def _events(rows: list[tuple[str, str, str]], batch: str) -> pl.DataFrame:
@@ -80,3 +82,66 @@ def test_dedupe_against_store_equals_dedupe_with_every_stored_key(tmp_path: Path
 
     assert dups.height > 50 and kept.height > 50  # both outcomes occur
     assert kept.equals(want_kept) and dups.equals(want_dups)
+
+
+def test_the_manifest_is_written_after_every_data_file_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is the commit point: a crash before it must leave batches unrecorded, so the next run
+    rolls back and redoes them. A data file written after it could be lost with the batch marked done."""
+    storage = local_root(tmp_path)
+    lines = [
+        event("1", "2024-01-10T10:00:00Z", data={"tokens": 1}),
+        event("2", "2024-02-10T10:00:00Z", data={"tokens": "many"}),  # excluded: quarantine/meter
+        "not json",  # quarantine/records
+    ]
+    land(storage, "a.jsonl", jsonl(lines))
+    writes: list[str] = []
+    write_bytes = Storage.write_bytes
+
+    def spy(self: Storage, rel: str, data: bytes) -> None:  # every write ends here, write_parquet_many's too
+        writes.append(rel)
+        write_bytes(self, rel, data)
+
+    monkeypatch.setattr(Storage, "write_bytes", spy)
+    run(storage, meterset("meters: [{slug: t, eventType: prompt, aggregation: SUM, valueProperty: $.tokens}]"))
+
+    manifests = [i for i, rel in enumerate(writes) if rel.startswith(f"{state.MANIFEST}/")]
+    assert len(manifests) == 1, writes
+    data = [rel for rel in writes if rel.startswith(("events/", "usage/", "quarantine/"))]
+    for prefix in ("events/", "usage/t/period/", "usage/t/hourly/", "quarantine/records/", "quarantine/meter/"):
+        assert any(rel.startswith(prefix) for rel in data), f"the run wrote nothing under {prefix}: {writes}"
+    late = [rel for rel in writes[manifests[0] :] if rel in data]
+    assert late == [], f"written after the manifest: {late}"
+    records = [i for i, rel in enumerate(writes) if rel.startswith(f"{state.RUNS}/")]
+    assert records and records[0] > manifests[0], "the run record describes a committed run: it comes after"
+
+
+def test_data_text_that_is_not_json_is_quarantined_not_counted(tmp_path: Path) -> None:
+    """A payload sent as text (a JSON string in JSONL, a Parquet text column) is checked as JSON: a broken one
+    is `bad_data` in quarantine, not an event that COUNT bills and every other meter excludes."""
+    from support import parquet_bytes
+
+    storage = local_root(tmp_path)
+    meters = meterset("meters:\n  - {slug: requests, eventType: prompt, aggregation: COUNT}\n")
+    t = "2024-01-01T00:00:00Z"
+    land(
+        storage,
+        "a.jsonl",
+        jsonl([event("j1", t, data={"v": 1}), event("j2", t, data='{"v": 1,'), event("j3", t, data=' {"v": 2}')]),
+    )
+    texts = ['{"v": 1}', "{not json}", '{"v": NaN}', '{"v": 4} trailing']
+    rows = [event(f"p{i}", t, data=text) for i, text in enumerate(texts)]
+    land(storage, "b.parquet", parquet_bytes(pl.DataFrame(rows)))
+    summary = run(storage, meters)
+    assert summary["events_stored"] == 3
+    quarantine = pl.read_parquet(f"{storage.root}/quarantine/records/*.parquet")
+    assert sorted(quarantine.select("event_id", "reason").rows()) == [
+        ("j2", "bad_data"),
+        ("p1", "bad_data"),
+        ("p2", "bad_data"),
+        ("p3", "bad_data"),
+    ]
+    stored = pl.read_parquet(f"{storage.root}/events/**/*.parquet")["id"].sort().to_list()
+    assert stored == ["j1", "j3", "p0"]
+    assert pl.read_parquet(f"{storage.root}/usage/requests/period/**/*.parquet")["value"].to_list() == [3.0]

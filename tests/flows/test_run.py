@@ -18,6 +18,7 @@ import pytest
 from flows import pipeline
 from flows.storage import Storage
 from meters import parse_meters
+from transforms.extract import EXCLUSION_MESSAGES
 
 from support import event, jsonl, land, local_root, parquet_bytes, rounding_events, table
 
@@ -317,6 +318,13 @@ def test_an_invalid_value_excludes_the_event_from_that_meter_only(tmp_path: Path
         ("object", "tokens_total", "bad_value"),
     ]
     assert q.filter(pl.col("event_id") == "bad")["line"].to_list() == [2]
+    for row in q.iter_rows(named=True):
+        assert row["message"] == EXCLUSION_MESSAGES[row["reason"]], row
+    # each message says what its reason means: a swap of the two must not pass
+    missing, bad = EXCLUSION_MESSAGES["missing_value"], EXCLUSION_MESSAGES["bad_value"]
+    assert missing != bad
+    assert "missing" in missing and "missing" not in bad
+    assert "number" in bad and "number" not in missing
     assert "nometer" in events(storage)["type"].to_list()  # kept, moves no meter
 
 

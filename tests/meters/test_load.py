@@ -409,6 +409,10 @@ BAD_PATHS = {
     "dot_no_dollar": (".tokens", "start with $"),
     "wildcard_field": ("$.*", "wildcard"),
     "wildcard_index": ("$.items[*].qty", "wildcard"),
+    # A quoted '*': jsonpath-ng >= 1.16 reads the key `*`, older ones a wildcard, and Polars' struct.field a
+    # wildcard (the one-parse decoding panics): no consistent single value, so refused.
+    "quoted_star": ("$['*']", "several fields"),
+    "quoted_star_nested": ('$.usage["*"]', "several fields"),
     "recursive_descent": ("$..tokens", "recursive"),
     "slice": ("$.items[0:2]", "slice"),
     "filter": ("$.items[?(@.qty > 1)]", "filter"),
