@@ -23,13 +23,18 @@ def path_column(path: str) -> str:
 
 
 def field_chain(path: str) -> list[str] | None:
-    """`$.a['b c']` -> ["a", "b c"]; None for paths with array indexes (see meters.jsonpath)."""
+    """`$.a['b c']` -> ["a", "b c"]; None for paths with array indexes (see meters.jsonpath), and for keys
+    that Polars' `struct.field` would not take literally (`*` is a wildcard, `^...$` a regular expression:
+    `$['^a.*$']` read the key `a.*`), which are matched by path instead."""
     out, at, rest = [], 0, path[1:]
     while at < len(rest):
         step = _FIELD.match(rest, at)
         if step is None:
             return None
-        out.append(step.group(1) if step.group(1) is not None else step.group(2))
+        name = step.group(1) if step.group(1) is not None else step.group(2)
+        if name == "*" or (name.startswith("^") and name.endswith("$")):
+            return None
+        out.append(name)
         at = step.end()
     return out or None
 

@@ -628,3 +628,17 @@ def test_a_duplicate_key_spelled_with_an_escape_takes_the_last_value_too() -> No
         d: extract_paths(frame, meters, decode=d).collect()[path_column("$['a/b']")].to_list() for d in (True, False)
     }
     assert got[True] == got[False] == ["5", "2"]
+
+
+@pytest.mark.parametrize("key", ["^a.*$", "^$"])
+def test_a_key_shaped_like_a_regular_expression_is_read_literally(key: str) -> None:
+    # Polars' struct.field takes `^...$` as a regular expression: decoding must not read other keys.
+    from transforms.extract import extract_paths, path_column
+
+    path = f"$['{key}']"
+    frame = pl.LazyFrame(
+        {"data": [json.dumps({key: 5, "a.*": 3, "a$": 4, "g": "x"}), json.dumps({"a.*": 1, "g": "y"})]}
+    )
+    meters = [make_meter("SUM", path, {"g": "$.g"})]
+    for decode in (True, False):
+        assert extract_paths(frame, meters, decode=decode).collect()[path_column(path)].to_list() == ["5", None]
