@@ -25,7 +25,7 @@ from transforms.dedupe import KEY, dedupe
 from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import key_runs
-from transforms.validate import validate
+from transforms.validate import DATA_IS_TEXT, validate
 
 LANDING = "landing"
 LOCK_TTL = 2 * 3600
@@ -158,7 +158,10 @@ def read_batches(
         parsed_files[info.path] = (batch, parsed)
         records.append(
             parsed.records.with_columns(
-                file=pl.lit(info.path), batch=pl.lit(batch), batch_order=pl.lit(order, pl.Int32)
+                file=pl.lit(info.path),
+                batch=pl.lit(batch),
+                batch_order=pl.lit(order, pl.Int32),
+                **{DATA_IS_TEXT: pl.lit(parsed.data_is_text)},
             )
         )
     if records:  # one validation for the whole chunk: row-wise parsing spreads over every core

@@ -46,28 +46,42 @@ def parse_time(text: pl.Expr) -> pl.Expr:
 _SURROGATE_ESCAPE = r"\\[uU][dD][89a-fA-F]"
 
 
-def json_objects(data: pl.Series) -> pl.Series:
+def json_objects(data: pl.Series, check: pl.Series | None = None) -> pl.Series:
     """Per row, whether `data` is one JSON object (whitespace around it allowed) or null.
 
-    Most `data` text was written by a parser from a parsed object, but Parquet text columns and JSONL
-    payloads sent as a JSON string are the producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an
-    event that counts for COUNT and is `missing_value` everywhere else. The verdict is orjson's (strict RFC
-    8259: no NaN, no numbers beyond Float64, no raw control characters, no lone surrogates). Polars decodes
-    the whole column at native speed first; only if that fails, or a surrogate escape is present, is each
-    row checked with orjson (Polars' decoder fails the whole column and cannot say which row).
+    Only the rows `check` marks are checked (all rows without it). Text that a parser wrote from a parsed
+    object is JSON by construction, but Parquet text columns and JSONL payloads sent as a JSON string are
+    the producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an event that counts for COUNT and
+    is `missing_value` everywhere else. The verdict is orjson's (strict RFC 8259: no NaN, no numbers beyond
+    Float64, no raw control characters, no lone surrogates). Polars decodes the checked rows at native speed
+    first; only if that fails, or a surrogate escape is present, is each of them checked with orjson
+    (Polars' decoder fails the whole column and cannot say which row).
     """
-    texts = data.to_frame("data").lazy().filter(pl.col("data").is_not_null())
+    rows = data.is_not_null() if check is None else data.is_not_null() & check.fill_null(False)
+    texts = data.filter(rows)
+    ok = pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True)
+    if texts.is_empty() or _all_objects(texts):
+        return ok
+    verdicts = pl.Series([_is_object(text) for text in texts.to_list()], dtype=pl.Boolean)
+    return ok.scatter(rows.arg_true(), verdicts)
+
+
+def _all_objects(texts: pl.Series) -> bool:
     try:
-        checked = texts.select(
-            surrogates=pl.col("data").str.contains(_SURROGATE_ESCAPE).any(),
-            objects=pl.col("data").str.strip_chars(" \t\n\r").str.starts_with("{").all(),
-            decoded=pl.col("data").str.json_decode(pl.Struct({})).len(),
-        ).collect(engine="streaming")
-        if checked["objects"].item() and not checked["surrogates"].item():
-            return pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True)
+        found = (
+            texts.to_frame("data")
+            .lazy()
+            .select(
+                surrogates=pl.col("data").str.contains(_SURROGATE_ESCAPE).any(),
+                objects=pl.col("data").str.strip_chars(" \t\n\r").str.starts_with("{").all(),
+                # a sum over the decoded rows, so the decoding cannot be optimised away
+                undecoded=pl.col("data").str.json_decode(pl.Struct({})).is_null().sum(),
+            )
+            .collect(engine="streaming")
+        )
     except pl.exceptions.ComputeError:
-        pass
-    return pl.Series("data", [text is None or _is_object(text) for text in data.to_list()], dtype=pl.Boolean)
+        return False
+    return found["objects"].item() and not found["surrogates"].item() and found["undecoded"].item() == 0
 
 
 def _is_object(text: str) -> bool:
@@ -99,14 +113,20 @@ def reason_expr() -> pl.Expr:
     )
 
 
+DATA_IS_TEXT = "data_is_text"  # optional Boolean column: which rows' `data` to check as JSON (all without it)
+
+
 def validate(records: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split records into (valid, rejected). Valid rows get `time` as UTC Datetime(ns) and a `date`.
 
     Rejected rows keep the envelope text plus `reason` and `message`.
     """
+    check = records.get_column(DATA_IS_TEXT) if DATA_IS_TEXT in records.columns else None
     checked = (
-        records.lazy()
-        .with_columns(_time=parse_time(pl.col("time")), _data_ok=json_objects(records["data"]))
+        records.with_columns(_data_ok=json_objects(records["data"], check))
+        .drop(DATA_IS_TEXT, strict=False)
+        .lazy()
+        .with_columns(_time=parse_time(pl.col("time")))
         .with_columns(_reason=reason_expr())
     )
     valid = (

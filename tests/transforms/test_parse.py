@@ -255,6 +255,21 @@ def test_backslashes_in_data_keep_their_meaning(escape: str) -> None:
     assert json.loads(data[1]) == {"tokens": "plain"}
 
 
+@pytest.mark.parametrize(
+    ("data", "is_text"),
+    [
+        ({"tokens": 1}, False),  # Polars writes the parsed object back: JSON by construction
+        (None, False),
+        ('{"tokens": 1}', True),  # a payload sent as a JSON string
+        ({"s": "\ud83d\ude00"}, True),  # json.dumps escapes it as a surrogate pair
+    ],
+    ids=["object", "null", "json_string", "surrogate_escape"],
+)
+def test_jsonl_says_whether_data_may_be_the_producers_text(data, is_text: bool) -> None:
+    assert parse_jsonl(jsonl(line("a"), line("b", data=data))).data_is_text is is_text
+    assert parse_jsonl(jsonl(line("a"), "garbage", line("b", data=data))).data_is_text is is_text  # line by line
+
+
 def test_numeric_looking_strings_stay_strings() -> None:
     raw = jsonl(line("5", subject="123", source="true", type="{x"))
     row = parse_jsonl(raw).records.row(0, named=True)
@@ -352,6 +367,7 @@ def test_parquet_with_struct_data_and_string_time(tmp_path) -> None:
     )
     parsed = parse_batch(parquet_bytes(df, tmp_path), "landing/batch.parquet")
     assert parsed.unreadable is None and parsed.kind == "parquet"
+    assert not parsed.data_is_text  # written from the struct: JSON by construction
     records = parsed.records
     assert records.schema == pl.Schema(RECORD_SCHEMA)
     assert records["line"].to_list() == [1, 2, 3]
@@ -374,7 +390,9 @@ def test_parquet_with_string_data(tmp_path) -> None:
         time=pl.lit("2024-01-01T00:00:00Z"),
         data=pl.Series(['{"tokens": "123456", "model": "gpt4"}', None, "null", '["not", "an", "object"]']),
     )
-    valid, rejected = validate(parse_parquet(parquet_bytes(df, tmp_path)).records)
+    parsed = parse_parquet(parquet_bytes(df, tmp_path))
+    assert parsed.data_is_text  # the producer's own text: validation checks it as JSON
+    valid, rejected = validate(parsed.records)
     # The JSON text `null` is a null payload (json.dumps(None)), like a null cell.
     assert valid.select("id", "data").rows() == [
         ("e0", '{"tokens": "123456", "model": "gpt4"}'),

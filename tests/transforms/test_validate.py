@@ -161,6 +161,15 @@ def test_data_text_that_is_not_a_json_object_is_bad_data(text: str) -> None:
     assert reason_of(record(data=text)) == "bad_data"
 
 
+def test_only_rows_marked_as_text_are_checked() -> None:
+    # Rows whose data a parser wrote from a parsed value are JSON by construction; the check costs a parse.
+    records = _text_data(["{bad", "{bad"]).with_columns(data_is_text=pl.Series([True, False]))
+    valid, rejected = validate(records)
+    assert rejected.select("id", "reason").rows() == [("e0", "bad_data")]
+    assert valid["id"].to_list() == ["e1"]
+    assert "data_is_text" not in valid.columns and "data_is_text" not in rejected.columns
+
+
 @pytest.mark.parametrize("text", JSON_OBJECTS.values(), ids=JSON_OBJECTS.keys())
 def test_data_text_that_is_a_json_object_is_valid(text: str) -> None:
     valid, rejected = validate(_text_data([text]))
@@ -274,3 +283,16 @@ def test_empty_input() -> None:
     valid, rejected = validate(empty)
     assert valid.is_empty() and rejected.is_empty()
     assert valid.schema["time"] == TIME
+
+
+def test_a_lone_surrogate_in_a_jsonl_object_is_bad_data_in_the_pipeline_and_alone() -> None:
+    # Polars reads `\ud800` as a raw NUL; the line is re-encoded with the escape kept, then checked like text.
+    ok = json.dumps(record(id="ok", data={"s": "\U0001f600"}))  # a surrogate pair: fine
+    lone = json.dumps(record(id="lone")).replace('{"tokens": 1}', '{"g": "ok", "s": "\\ud800"}')
+    parsed = parse_jsonl(f"{ok}\n{lone}\n".encode())
+    assert parsed.data_is_text
+    assert json.loads(parsed.records["data"][1]) == {"g": "ok", "s": "\ud800"}  # escaped, not a NUL
+    for records in (parsed.records, parsed.records.with_columns(data_is_text=pl.lit(parsed.data_is_text))):
+        valid, rejected = validate(records)
+        assert valid["id"].to_list() == ["ok"]
+        assert rejected.select("id", "reason").rows() == [("lone", "bad_data")]
