@@ -77,10 +77,17 @@ class Plan:
 
 
 def plan(storage: Storage, meters: list[Meter], billing: Billing, dates: list[str], local_dates: list[str]) -> Plan:
-    """Touched UTC days, plus days of the affected periods whose stored partials are missing or stale."""
-    touched_days = sorted(set(dates))
-    period_starts = sorted(set(period_bounds(billing, local_dates)["period_start"].to_list()))
+    """Touched UTC days, plus days of the affected periods whose stored partials are missing or stale.
+
+    A touched day with no events and no published partition has nothing to compute or delete, so it is left
+    out: a backfill over decades writes files only for the days that have events.
+    """
     files = event_file_infos_by_date(storage)
+    without_events = set(dates) - set(files)  # none in an hourly run: its new events were just stored
+    if without_events:
+        without_events &= {day for day, _ in _partition_days(storage, meters)}  # those have files to delete
+    touched_days = sorted((set(dates) & set(files)) | without_events)
+    period_starts = sorted(set(period_bounds(billing, local_dates)["period_start"].to_list()))
     stale = _days_without_current_partials(storage, meters, billing, period_starts, set(files))
     read_days = sorted(set(touched_days) | stale)
     touched = set(touched_days)
@@ -217,7 +224,8 @@ def recompute_days(
     marks = pl.col("window_start").is_null()
     # Each piece is in date order. Within a day's file: the sentinels first, then every meter's rows together,
     # so row-group statistics let a reader of one meter (or of the sentinels) skip the rest.
-    states = [kept.filter(marks), *[sentinels(m, days) for m in meters], kept.filter(~marks), *packed]
+    with_events = sorted({path.split("/")[1].removeprefix("date=") for path in files})  # no events: no state
+    states = [kept.filter(marks), *[sentinels(m, with_events) for m in meters], kept.filter(~marks), *packed]
     publish(storage, states, "date", days, partials_file, existing, state=True)
     return counts
 
@@ -278,10 +286,18 @@ def sentinels(meter: Meter, days: list[str]) -> pl.DataFrame:
 
 def _existing_partitions(storage: Storage, meters: list[Meter], days: list[str]) -> set[str]:
     """Partition files of these days that exist now: what an empty result must delete, what to merge."""
-    wanted = {f"date={d}" for d in days}
-    found: set[str] = set()
+    wanted = set(days)
+    return {path for day, path in _partition_days(storage, meters) if day in wanted}
+
+
+def _partition_days(storage: Storage, meters: list[Meter]) -> list[tuple[str, str]]:
+    """(UTC date, path) of every day-partitioned file the meters' recompute writes."""
+    found = []
     for prefix in [*(f"usage/{m.slug}/hourly" for m in meters), "quarantine/meter", PARTIALS]:
-        found.update(f.path for f in storage.list_files(prefix, (".parquet",)) if f.path.split("/")[-2] in wanted)
+        for f in storage.list_files(prefix, (".parquet",)):
+            part = f.path.split("/")[-2]
+            if part.startswith("date="):
+                found.append((part[5:], f.path))
     return found
 
 

@@ -137,3 +137,23 @@ def test_periods_combined_meter_by_meter_equal_all_at_once(tmp_path: Path, monke
     expected, got = all_tables(one, meters), all_tables(many, meters)
     for name, table in expected.items():
         assert not table.is_empty() and table.equals(got[name]), name
+
+
+def test_a_backfill_over_decades_writes_files_only_for_days_with_events(tmp_path: Path) -> None:
+    """Days without events have nothing to compute: no day files, no state, whatever the range."""
+    meters = meterset(METERS)
+    storage = Storage(str(tmp_path / "root"))
+    _land(storage)
+    run(storage, meters)
+    before = all_tables(storage, meters)
+    event_days = {p.name for p in (tmp_path / "root" / "events").iterdir()}
+    assert len(event_days) == 28
+
+    summary = pipeline.backfill(storage, meters, dt.date(2000, 1, 1), dt.date(2030, 1, 1), log=str)
+
+    for prefix in ("_state/partials", "usage/tokens_total/hourly", "usage/latest_tokens/hourly"):
+        assert {p.name for p in (tmp_path / "root" / prefix).iterdir()} == event_days, prefix
+    assert summary["hourly_partitions_recomputed"] == 2 * 28  # two meters, the days with events
+    got = all_tables(storage, meters)
+    for name, table in before.items():
+        assert table.equals(got[name]), name
