@@ -25,7 +25,7 @@ from transforms.dedupe import KEY, dedupe
 from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import key_runs
-from transforms.validate import DATA_IS_TEXT, validate
+from transforms.validate import DATA_IS_TEXT, MAX_YEAR, MIN_YEAR, validate
 
 LANDING = "landing"
 LOCK_TTL = 2 * 3600
@@ -573,6 +573,9 @@ def backfill(
     """
     if end <= start:
         raise ValueError(f"--to ({end}) must be after --from ({start})")
+    first, after = dt.date(int(MIN_YEAR), 1, 1), dt.date(int(MAX_YEAR) + 1, 1, 1)
+    if start < first or end > after:  # also for a deployment run, which the command line's check never sees
+        raise ValueError(f"a backfill lies within {first}..{after}, the years event times can hold")
     started = time.perf_counter()
     selected = meterset.select(slugs)
     run_id = state.new_run_id()
