@@ -10,7 +10,9 @@ import contextlib
 import datetime as dt
 import gc
 import os
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -84,8 +86,13 @@ def _flows(meters: str):
     return prefect_flows, meterset
 
 
-def _before_flow_run(prefect_flows) -> None:
-    """One clear line instead of Prefect's error when no API is reachable; a notice before a temporary server."""
+def _before_flow_run(prefect_flows, dask: str | None = None) -> None:
+    """One clear line instead of Prefect's error when no API or Dask scheduler is reachable; a notice before a
+    temporary server."""
+    if dask:
+        problem = prefect_flows.scheduler_problem(dask)
+        if problem:
+            fail(f"Dask scheduler at {dask} unreachable ({problem})", EXIT_STORAGE)
     if prefect_flows.needs_api_url():
         fail(
             "a Prefect flow run needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api after "
@@ -115,7 +122,7 @@ def run(
         _storage(root, must_exist=True)
         if workers is not None and workers < 1:
             fail("--workers must be at least 1")
-        _before_flow_run(prefect_flows)
+        _before_flow_run(prefect_flows, dask)
         prefect_flows.run_hourly(root=root, meters=meters, dask_address=dask, workers=workers)
         return
     meterset = _load(meters)
@@ -146,6 +153,11 @@ def backfill(
     start, end = parse_date(from_, "--from"), parse_date(to, "--to")
     if end <= start:
         fail(f"--to ({end}) must be after --from ({start})")
+    with _user_mistakes():
+        from flows.tools import check_event_years
+
+        check_event_years("--from", start)
+        check_event_years("--to", end, end=True)
     as_flow = _use_prefect(prefect) or dask or workers
     prefect_flows, meterset = _flows(meters) if as_flow else (None, _load(meters))
     for slug in meter or []:
@@ -155,7 +167,7 @@ def backfill(
             fail(str(exc.args[0]))
     storage = _storage(root)
     if prefect_flows is not None:
-        _before_flow_run(prefect_flows)
+        _before_flow_run(prefect_flows, dask)
         prefect_flows.run_backfill(
             dask_address=dask,
             workers=workers,
@@ -215,9 +227,17 @@ def serve(
     Example: meterlake serve --root s3://bucket/meterlake --cron "5 * * * *"
     """
     _load(meters)
-    _storage(root, must_exist=False)
+    _storage(root)
     from prefect import serve as prefect_serve
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)  # Prefect's own check, before anything is served
+    except ValidationError as exc:
+        reason = str(exc.errors()[0].get("msg", "")).removeprefix("Value error, ")
+        fail(f'--cron {cron!r} is not a cron schedule ({reason}); e.g. "5 * * * *" (minute hour day month weekday)')
 
     from flows.prefect_flows import backfill_flow, hourly_flow
 
@@ -306,7 +326,10 @@ def _write_out(out: str, data: bytes) -> None:
         fail(f"--out: {out} is a folder; give a file name")
     if not path.parent.exists():
         fail(f"--out: folder {path.parent} does not exist")
-    path.write_bytes(data)
+    try:
+        path.write_bytes(data)
+    except OSError as exc:  # permission denied, read-only or full filesystem, a file where a folder should be
+        fail(f"--out: cannot write {out}: {exc.strerror or exc}")
 
 
 def _emit(out: str | None, text: str) -> None:
@@ -351,6 +374,8 @@ def query(
     Example: meterlake query tokens_total --from 2024-01-01T06:00:00+01:00
     --to 2024-01-02 --tz Europe/Berlin -w HOUR -g model --filter type=input -f json
     """
+    if not tz.strip():
+        fail("--tz is empty; give an IANA time zone such as UTC or Europe/Berlin")
     fmt = fmt.lower()
     if fmt not in FORMATS:
         fail(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -435,8 +460,8 @@ def preview(
         str | None,
         typer.Option("--root", "-r", help="Compare each meter with the definition last used at this root."),
     ] = None,
-    rows: Annotated[int, typer.Option("--rows", help="Period rows to show per meter.")] = 10,
-    limit: Annotated[int, typer.Option("--limit", help="Excluded and rejected records to show.")] = 10,
+    rows: Annotated[int, typer.Option("--rows", min=0, help="Period rows to show per meter.")] = 10,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Excluded and rejected records to show.")] = 10,
 ) -> None:
     """Dry-run a meters file on sample event files; storage is never written.
 
@@ -578,7 +603,7 @@ def quarantine(
 def status(
     root: RootOpt = "data",
     meters: MetersOpt = "data/meters.yaml",
-    last: Annotated[int, typer.Option("--last", help="Run records to show.")] = 5,
+    last: Annotated[int, typer.Option("--last", min=1, help="Run records to show.")] = 5,
 ) -> None:
     """Show runs, waiting batches, newest event, published periods, stale meters and the lock.
 
@@ -598,6 +623,8 @@ def status(
     lock = tools.lock_holder(storage)
     if lock is None:
         console.print("lock: free")
+    elif lock.get("unreadable"):
+        console.print(f"lock: {lock['unreadable']}")
     else:
         state = "expired, the next run takes it over" if lock.get("expired") else f"until {lock.get('expires_at')}"
         console.print(f"lock: held by run {lock.get('run_id')} on {lock.get('host')} pid {lock.get('pid')} ({state})")
@@ -686,7 +713,26 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps known errors to one-line messages and exit codes."""
-    code = _main(argv)
+    # SIGTERM (Prefect cancellation, systemd, Kubernetes) stops a command as Ctrl-C does: KeyboardInterrupt,
+    # so the `finally` blocks release the run lock instead of leaving it held until it expires. Only the main
+    # thread can install a handler; Prefect's flow engine and `serve` install their own while they run.
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        code = _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        typer.echo("meterlake: stopped by SIGTERM", err=True)
+        code = 128 + signal.SIGTERM
     if argv is None:
         # The process is about to exit (console script or `python -m flows.cli`). Its last garbage collection
         # would visit and free every object of every imported module (Prefect's pydantic models above all):
@@ -700,6 +746,18 @@ def _raised_by(exc: Exception, module: str, name: str) -> bool:
     """isinstance against a class of a module that is imported only if it was used (and so could raise)."""
     loaded = sys.modules.get(module)
     return loaded is not None and isinstance(exc, getattr(loaded, name))
+
+
+def _usage_message(exc) -> str:
+    """Click's message and where to look, on one line (Click prints a Usage/Try/Error block)."""
+    message = " ".join(exc.format_message().split())
+    ctx, names = getattr(exc, "ctx", None), []
+    if ctx is None:
+        return message
+    while ctx.parent is not None:  # the command names, without the program name (`python -m ...` in tests)
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return f"{message} (see {' '.join(['meterlake', *names])} --help)"
 
 
 def _main(argv: list[str] | None) -> int:
@@ -723,14 +781,22 @@ def _main(argv: list[str] | None) -> int:
             if len(exc.problems) > 5:
                 typer.echo(f"  ... and {len(exc.problems) - 5} more; run `meterlake validate {exc.source}`", err=True)
             return EXIT_USER
+        if _raised_by(exc, "flows.storage", "RootError"):
+            typer.echo(f"error: {exc}", err=True)
+            return EXIT_USER
         if _raised_by(exc, "flows.storage", "StorageError"):
             typer.echo(f"error: {exc}", err=True)
             return EXIT_STORAGE
         if _raised_by(exc, "flows.state", "LockHeld"):
             typer.echo(f"meterlake: {exc}", err=True)
             return EXIT_LOCKED
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click/typer usage errors
+        # Click's errors, matched by name: recent Typer versions carry their own copy of Click
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        if "NoArgsIsHelpError" in kinds:  # `meterlake` alone: the help text
             exc.show()
+            return EXIT_USER
+        if "ClickException" in kinds:  # usage errors: one line, as every other mistake
+            typer.echo(f"error: {_usage_message(exc)}", err=True)
             return EXIT_USER
         if os.environ.get("METERLAKE_DEBUG"):
             raise

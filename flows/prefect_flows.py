@@ -76,6 +76,30 @@ def task_runner(dask_address: str | None = None, workers: int | None = None) -> 
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 
+DASK_CONNECT_TIMEOUT = 10.0  # seconds to reach an existing Dask scheduler before a flow run starts
+
+
+def scheduler_problem(address: str) -> str | None:
+    """None when a Dask scheduler answers at `address`, else why not (one line).
+
+    Without this check an unreachable scheduler surfaces only when the first task is submitted, as a
+    Prefect traceback after a minute of retries, and not at all when there is nothing new to process.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await connect(address, timeout=DASK_CONNECT_TIMEOUT)  # includes Dask's handshake
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the answer
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
+    return None
+
+
 _PARSED: dict[str, tuple[str, MeterSet]] = {}
 
 

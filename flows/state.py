@@ -41,6 +41,10 @@ class LockHeld(RuntimeError):
     pass
 
 
+class LockUnreadable(LockHeld):
+    """`_state/lock.json` exists but holds no lock meterlake could have written (empty, truncated, edited)."""
+
+
 def new_run_id(now: dt.datetime | None = None) -> str:
     now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
     return now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -110,6 +114,37 @@ def clear_pending(storage: Storage, run_id: str) -> None:
 
 
 # --- lock --------------------------------------------------------------------------------------
+def read_lock(storage: Storage) -> tuple[dict, dt.datetime] | None:
+    """The lock's content and its expiry, None without a lock; LockUnreadable if the file is damaged.
+
+    A damaged lock is never taken over: whether a run still holds it cannot be told, so the user decides.
+    """
+    try:
+        data = storage.read_bytes(LOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        held = json.loads(data)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        held, problem = None, "not JSON" if data.strip() else "empty file"
+    else:
+        problem = "not a JSON object" if not isinstance(held, dict) else ""
+    if not problem:
+        value = held.get("expires_at")
+        try:
+            expires = dt.datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            problem = "no expires_at" if value is None else f"expires_at {value!r} is not a time"
+        else:
+            if expires.tzinfo is None:
+                problem = f"expires_at {value!r} has no UTC offset"
+    if problem:
+        raise LockUnreadable(
+            f"the run lock {storage.uri(LOCK)} is unreadable ({problem}); if no run is active, delete it and run again"
+        )
+    return held, expires
+
+
 def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.datetime | None = None) -> None:
     """Take the run lock or raise LockHeld; a lock past its expiry is taken over."""
     now = now or dt.datetime.now(dt.UTC)
@@ -124,11 +159,10 @@ def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.dateti
     for _ in range(2):
         if storage.create_exclusive(LOCK, data) and storage.read_json(LOCK).get("run_id") == run_id:
             return
-        try:
-            held = storage.read_json(LOCK)
-        except FileNotFoundError:
+        lock = read_lock(storage)
+        if lock is None:
             continue
-        expires = dt.datetime.fromisoformat(held["expires_at"])
+        held, expires = lock
         if expires > now:
             raise LockHeld(
                 f"another run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) holds the lock "

@@ -27,7 +27,9 @@ import json
 import logging
 import os
 import random
+import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,46 @@ T = TypeVar("T")
 
 class StorageError(RuntimeError):
     """A storage problem a user can act on (missing root or bucket, credentials, access, outage)."""
+
+
+class RootError(ValueError):
+    """A storage root that is neither a folder nor an `s3://bucket/prefix` URL: a mistake in the root itself."""
+
+
+# What botocore accepts as a bucket name (it refuses anything else before sending a request); real S3 is
+# stricter, S3-compatible stores are not always.
+_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*)://")
+
+
+def _check_root(root: str) -> None:
+    """Refuse, before anything is read or written, a root that cannot be what the user meant."""
+    if not root.strip():
+        raise RootError("storage root is empty (an unset variable?); give a folder or s3://bucket/prefix")
+    scheme = _SCHEME.match(root)
+    if scheme is None:
+        return
+    if scheme.group(1) != "s3":
+        raise RootError(f"unsupported storage root {root!r}: use a local folder or s3://bucket/prefix")
+    bucket = root[len("s3://") :].split("/", 1)[0]
+    if not bucket:
+        raise RootError(f"storage root {root!r} names no bucket: use s3://bucket/prefix")
+    if not _BUCKET.fullmatch(bucket):
+        raise RootError(f"storage root {root!r}: {bucket!r} is not a valid bucket name")
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """botocore refuses an endpoint without http(s):// only when its first request is made: say so at once."""
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        ok = False
+    if not ok:
+        raise StorageError(
+            f"S3 endpoint {endpoint!r} (AWS_ENDPOINT_URL) is not an http:// or https:// URL, e.g. http://localhost:9000"
+        )
 
 
 @dataclass(frozen=True)
@@ -187,9 +229,12 @@ class Storage:
     retry: RetryPolicy = field(default_factory=lambda: DEFAULT_RETRY, repr=False)
 
     def __post_init__(self) -> None:
+        _check_root(self.root)
         self.root = self.root.rstrip("/") or "/"
         self.is_s3 = self.root.startswith("s3://")
         if self.is_s3:
+            if self.s3.endpoint_url:
+                _check_endpoint(self.s3.endpoint_url)
             self.base = self.root[len("s3://") :]
             self.bucket, _, self.key_prefix = self.base.partition("/")
             self.fs = fsspec.filesystem(
@@ -287,11 +332,18 @@ class Storage:
         """Fail with one clear line when the root cannot be used (missing, unreachable, refused)."""
         if self.is_s3:
             prefix = f"{self.key_prefix}/" if self.key_prefix else ""
-            self._call(
-                "list",
-                "",
-                lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
-            )
+            try:
+                self._call(
+                    "list",
+                    "",
+                    lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
+                )
+            except FileNotFoundError as exc:  # a 404 without S3's NoSuchBucket: some other HTTP server
+                where = self.s3.endpoint_url or "AWS S3"
+                raise StorageError(
+                    f"S3 endpoint {where} answered {_one_line(str(exc), 60)!r} to listing bucket {self.bucket!r}: "
+                    "it does not look like an S3 endpoint (check AWS_ENDPOINT_URL)"
+                ) from exc
             return
         if os.path.isdir(self.base):
             if not os.access(self.base, os.R_OK | os.X_OK):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
 from transforms.query import EVENT_COLUMNS, Query, QueryError, in_range, make_query, run_query, utc_dates
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import collect_tables, exclusions, period_table
-from transforms.validate import REASONS, validate
+from transforms.validate import MAX_YEAR, MIN_YEAR, REASONS, validate
 from transforms.windows import period_table as periods_for_dates
 
 __all__ = [
@@ -79,13 +80,41 @@ def meter_of(meterset: MeterSet, slug: str) -> Meter:
         raise ToolError(str(exc.args[0])) from None
 
 
+# Event times are Datetime(ns): whole years 1678-2261 (transforms.validate). Dates and times given to any
+# command must lie there too; a range's end may be the first instant after them.
+EVENT_YEARS = f"{MIN_YEAR}-{MAX_YEAR}"
+FIRST_TIME, END_TIME = dt.datetime(int(MIN_YEAR), 1, 1), dt.datetime(int(MAX_YEAR) + 1, 1, 1)
+
+
+def check_event_years(name: str, value: dt.date | dt.datetime, *, end: bool = False) -> None:
+    """ToolError unless `value` (its own wall clock for a time) lies in the years event times can hold."""
+    if isinstance(value, dt.datetime):
+        wall = value.replace(tzinfo=None)
+    else:
+        wall = dt.datetime(value.year, value.month, value.day)
+    if wall < FIRST_TIME or wall > END_TIME or (wall == END_TIME and not end):
+        raise ToolError(f"{name}: {value.isoformat()} is outside the years event times can hold ({EVENT_YEARS})")
+
+
+def _year(value: object) -> int | None:
+    if isinstance(value, dt.date):
+        return value.year
+    match = re.match(r"(\d{4})-", str(value))
+    return int(match.group(1)) if match else None
+
+
 def _date(value: str | dt.date | None, name: str) -> str | None:
-    if value is None or isinstance(value, dt.date):
-        return value.isoformat() if value else None
-    try:
-        return dt.date.fromisoformat(str(value)).isoformat()
-    except ValueError:
-        raise ToolError(f"{name}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31") from None
+    if value is None:
+        return None
+    if isinstance(value, dt.date):
+        day = value
+    else:
+        try:
+            day = dt.date.fromisoformat(str(value))
+        except ValueError:
+            raise ToolError(f"{name}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31") from None
+    check_event_years(name, day)
+    return day.isoformat()
 
 
 # --- query -------------------------------------------------------------------------------------------
@@ -103,7 +132,14 @@ def plan_query(
 ) -> tuple[Meter, Query]:
     """Validate a query without reading any data (raises ToolError / QueryError)."""
     meter = meter_of(load(meters), slug)
+    for name, value in (("from", from_), ("to", to)):  # far outside: before any time zone arithmetic overflows
+        year = _year(value)
+        if year is not None and not int(MIN_YEAR) <= year <= int(MAX_YEAR) + 1:
+            raise ToolError(f"{name}: {value} is outside the years event times can hold ({EVENT_YEARS})")
     q = make_query(meter, from_, to, window=window, tz=tz, subjects=subjects, group_by=group_by, filters=filters)
+    zone = zoneinfo.ZoneInfo(q.tz)
+    check_event_years("from", q.start.astimezone(zone))
+    check_event_years("to", q.end.astimezone(zone), end=True)
     return meter, q
 
 
@@ -323,16 +359,19 @@ def newest_event_time(root: str | Storage) -> dt.datetime | None:
 
 
 def lock_holder(root: str | Storage) -> dict | None:
-    """The run lock's content (run_id, host, pid, acquired_at, expires_at, expired) or None."""
+    """The run lock's content (run_id, host, pid, acquired_at, expires_at, expired) or None.
+
+    A damaged lock file gives `{"unreadable": <one-line message>, "expired": None}`.
+    """
     storage = open_storage(root)
     try:
-        held = storage.read_json(state.LOCK)
-    except FileNotFoundError:
+        lock = state.read_lock(storage)
+    except state.LockUnreadable as exc:
+        return {"unreadable": str(exc), "expired": None}
+    if lock is None:
         return None
-    try:
-        held["expired"] = dt.datetime.fromisoformat(held["expires_at"]) <= dt.datetime.now(dt.UTC)
-    except (KeyError, TypeError, ValueError):
-        held["expired"] = None
+    held, expires = lock
+    held["expired"] = expires <= dt.datetime.now(dt.UTC)
     return held
 
 
@@ -574,8 +613,16 @@ class Period:
 
 def find_period(storage: Storage, slug: str, period: str) -> Period:
     """A published billing period of a meter, named by its first day (2024-01-15) or its month (2024-01)."""
-    if not re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", period or ""):
+    shape = re.fullmatch(r"(\d{4})-(\d{2})(?:-(\d{2}))?", period or "")
+    if not shape:
         raise ToolError(f"--period: {period!r} is not a month or a day; use e.g. 2024-01 or 2024-01-15")
+    year, month, day = shape.groups()
+    try:
+        first = dt.date(int(year), int(month), int(day or 1))
+    except ValueError:
+        what = "date" if day else "month"
+        raise ToolError(f"--period: {period!r} is not a valid {what}; use e.g. 2024-01 or 2024-01-15") from None
+    check_event_years("--period", first)
     published = [d.removeprefix("period_start=") for d in storage.list_dirs(f"usage/{slug}/period")]
     if not published:
         raise ToolError(f"meter {slug!r} has no published periods under usage/{slug}/period/ (has it run yet?)")

@@ -1,13 +1,20 @@
 """The operator commands of `meterlake` (query, validate, preview, quarantine, status, report) through main().
 
-Checks exit codes (0 ok, 2 user mistake, 3 storage), one-line errors without tracebacks, output width, and
-`--help` examples.
+Checks exit codes (0 ok, 2 user mistake, 3 storage, 4 lock), one-line errors without tracebacks, output width,
+and `--help` examples; also the checks `run`, `backfill` and `serve` make before any work (roots, endpoints,
+dates, cron, Dask scheduler, lock file) and that SIGTERM releases a run's lock as Ctrl-C does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +23,8 @@ import pytest
 from flows.cli import main
 
 from support import event, jsonl, land, local_root, meterset, run
+
+REPO = Path(__file__).resolve().parents[2]
 
 METERS_YAML = textwrap.dedent(
     """\
@@ -273,3 +282,311 @@ def test_docs_list_every_command_and_exit_code():
         assert f"meterlake {command}" in doc
     for code in ("| 0 ", "| 1 ", "| 2 ", "| 3 ", "| 4 "):
         assert code in doc
+
+
+# --- storage roots and endpoints ----------------------------------------------------------------------
+@pytest.fixture
+def fake_aws(monkeypatch, tmp_path):
+    """Fake keys and no AWS config files: nothing reaches a real AWS account or the instance metadata."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAMETERLAKETEST0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("root", "message"),
+    [
+        ("", "storage root is empty"),
+        ("  ", "storage root is empty"),
+        ("gs://x", "unsupported storage root 'gs://x'"),
+        ("http://x", "unsupported storage root 'http://x'"),
+        ("ftp://x", "unsupported storage root 'ftp://x'"),
+        ("s3://", "no bucket"),
+        ("s3:///x", "no bucket"),
+        ("s3://Bad_Bucket!/x", "'Bad_Bucket!' is not a valid bucket name"),
+    ],
+)
+@pytest.mark.usefixtures("fake_aws")
+def test_bad_root_is_one_line_exit_2(env, capsys, root, message):
+    code, out, err = cli(capsys, "status", "--root", root, "--meters", env["meters"])
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""
+
+
+@pytest.mark.usefixtures("fake_aws")
+def test_endpoint_without_scheme_is_exit_3(env, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "localhost:9000")
+    code, _, err = cli(capsys, "status", "--root", "s3://bucket/x", "--meters", env["meters"])
+    assert code == 3, err
+    assert "'localhost:9000'" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.usefixtures("fake_aws")
+def test_endpoint_that_is_not_s3_is_exit_3(env, capsys, monkeypatch):
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    try:
+        code, _, err = cli(capsys, "status", "--root", "s3://bucket/x", "--meters", env["meters"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 3, err
+    assert endpoint in err and "not look like an S3 endpoint" in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- serve checks its options before serving ----------------------------------------------------------
+@pytest.fixture
+def prefect_logging():
+    """Name it before `capsys`: Prefect's logging binds its console to the sys.stderr of the moment it is set
+    up, here capsys's, and once capsys closes it every later log line of the session (the moto server's, in
+    tests/flows/test_s3.py) prints a logging error. Torn down after capsys, this sets it up again."""
+    yield
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging(incremental=False)
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    """Replace Prefect's serve: these tests check what happens before it (and must never block in it)."""
+    import prefect
+
+    calls = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, **_: calls.append(deployments))
+    return calls
+
+
+def test_serve_refuses_a_missing_root(env, prefect_logging, capsys, tmp_path, no_serving):
+    typo = tmp_path / "typo_root"
+    code, _, err = cli(capsys, "serve", "--root", typo, "--meters", env["meters"])
+    assert code == 3 and "does not exist" in err, err
+    assert not typo.exists() and no_serving == []
+
+
+def test_serve_refuses_a_bad_cron(env, prefect_logging, capsys, no_serving):
+    code, _, err = cli(capsys, "serve", "--root", env["root"], "--meters", env["meters"], "--cron", "bad cron")
+    assert code == 2, err
+    assert err.startswith("error: --cron") and "'bad cron'" in err and len(err.strip().splitlines()) == 1, err
+    assert no_serving == []
+    code, _, err = cli(capsys, "serve", "--root", env["root"], "--meters", env["meters"], "--cron", "5 * * * *")
+    assert code == 0, err
+    assert len(no_serving) == 1
+
+
+# --- dates outside what event times can hold ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["query", "duration", "--from", "2024-01-01", "--to", "2300-01-01"],
+        ["query", "duration", "--from", "0001-01-01", "--to", "2024-01-01"],
+        ["query", "duration", "--from", "2024-01-01T00:00:00Z", "--to", "2262-06-01T00:00:00Z"],
+        ["backfill", "--from", "0001-01-01", "--to", "9999-12-31"],
+        ["backfill", "--from", "2024-01-01", "--to", "2262-01-02"],
+        ["quarantine", "--since", "0001-01-01"],
+    ],
+)
+def test_dates_outside_1678_2261_are_one_line_exit_2(env, capsys, tmp_path, args):
+    root = local_root(tmp_path)  # a backfill would take the lock: never the shared root
+    code, _, err = cli(
+        capsys, *args, "--root", root.root, *(["--meters", env["meters"]] if args[0] != "quarantine" else [])
+    )
+    assert code == 2, err
+    assert "1678" in err and "2261" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "root" / "_state").exists()
+
+
+def test_dates_at_the_edges_of_the_range_are_accepted(env, capsys):
+    code, out, err = q(env, capsys, "duration", "--from", "1678-01-01", "--to", "2262-01-01", "-f", "json")
+    assert code == 0, err
+    assert json.loads(out)["data"][0]["value"] == 2000.0
+
+
+def test_report_period_must_be_a_real_month(env, capsys):
+    pytest.importorskip("plotly")
+    for period, message in (("2024-13", "not a valid month"), ("2024-02-30", "not a valid date")):
+        code, _, err = cli(
+            capsys, "report", "duration", "--period", period, "--root", env["root"], "--meters", env["meters"]
+        )
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- the run lock: SIGTERM releases it, a damaged lock file is reported -------------------------------
+SLOW_RUN = """
+import pathlib, sys, time
+sys.path.insert(0, {repo!r})
+from flows import pipeline
+
+def waiting(storage):  # the run holds the lock and waits here until it is stopped
+    pathlib.Path({ready!r}).touch()
+    time.sleep(60)
+    raise SystemExit("not stopped")
+
+pipeline.find_new_batches = waiting
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_a_run_releases_the_lock(env, capsys, tmp_path, signum):
+    root = local_root(tmp_path)
+    lock, ready = Path(root.path("_state/lock.json")), tmp_path / "ready"
+    script = SLOW_RUN.format(repo=str(REPO), ready=str(ready))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "run", "--root", root.root, "--meters", env["meters"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and ready.exists()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never took the lock"
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if signum == signal.SIGTERM:  # stopped as by Ctrl-C, with the conventional code 128 + 15
+        assert proc.returncode == 143 and err.strip() == "meterlake: stopped by SIGTERM", err
+    else:
+        assert proc.returncode == 130 and "Traceback" not in err, err
+    assert not lock.exists()
+    code, _, err = cli(capsys, "run", "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b'{"run_id": "r1", "host": "h", "pid": 1}',
+        b'{"run_id": "r1", "expires_at": "2030-01-01T00:00:00"}',
+        b'{"run_id": "r1", "expires_at": "soon"}',
+        b"[]",
+    ],
+)
+def test_damaged_lock_file(env, capsys, tmp_path, body):
+    root = local_root(tmp_path)
+    root.write_bytes("_state/lock.json", body)
+    for command in (["run"], ["backfill", "--from", "2024-01-01", "--to", "2024-02-01"]):
+        code, _, err = cli(capsys, *command, "--root", root.root, "--meters", env["meters"])
+        assert code == 4, err
+        assert "_state/lock.json is unreadable" in err and "delete it" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, out, err = cli(capsys, "status", "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+    assert "lock: the run lock " in out and "is unreadable" in " ".join(out.split())
+    assert "landing: no batches waiting" in out and "newest event: none" in out
+    assert root.read_bytes("_state/lock.json") == body  # reported, never removed behind the user's back
+
+
+# --- usage errors are one line ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--bogus"], "error: No such option: --bogus (see meterlake run --help)"),
+        (["query"], "error: Missing argument 'slug'. (see meterlake query --help)"),
+        (["validate", "a.yaml", "b.yaml"], "error: Got unexpected extra argument(s) (b.yaml)"),
+        (["run", "--workers", "abc"], "error: Invalid value for '--workers'"),
+        (["nosuch"], "error: No such command 'nosuch'. (see meterlake --help)"),
+        (["preview", "m.yaml", "e.jsonl", "--rows", "-1"], "error: Invalid value for '--rows'"),
+        (["preview", "m.yaml", "e.jsonl", "--limit", "-5"], "error: Invalid value for '--limit'"),
+        (["status", "--last", "-1"], "error: Invalid value for '--last'"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(capsys, args, message):
+    code, out, err = cli(capsys, *args)
+    assert code == 2, err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert "Usage:" not in err and out == ""
+
+
+def test_no_command_still_shows_help(capsys):
+    code, out, err = cli(capsys)
+    assert code == 2 and "Usage:" in out + err and "query" in out + err
+
+
+def test_empty_time_zone_is_refused(env, capsys):
+    code, _, err = q(env, capsys, "duration", *RANGE, "--tz", "")
+    assert code == 2 and "--tz" in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- output files the user names ----------------------------------------------------------------------
+def _unwritable(tmp_path, monkeypatch, kind: str) -> Path:
+    if kind == "parent is a file":
+        (tmp_path / "file").write_text("x")
+        return tmp_path / "file" / "x.out"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: make the write fail as it would for anyone else
+        real = Path.write_bytes
+
+        def denied(self, data):
+            if self.parent == folder:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", denied)
+    return folder / "x.out"
+
+
+@pytest.mark.parametrize("kind", ["parent is a file", "permission denied"])
+def test_unwritable_out_file_is_one_line_exit_2(env, capsys, tmp_path, monkeypatch, kind):
+    target = _unwritable(tmp_path, monkeypatch, kind)
+    code, _, err = q(env, capsys, "duration", *RANGE, "-f", "csv", "-o", target)
+    assert code == 2, err
+    assert err.startswith(f"error: --out: cannot write {target}") and len(err.strip().splitlines()) == 1, err
+    if importlib.util.find_spec("plotly"):
+        code, _, err = cli(
+            capsys,
+            "report",
+            "duration",
+            "-p",
+            "2024-03",
+            "-o",
+            target,
+            "--root",
+            env["root"],
+            "--meters",
+            env["meters"],
+        )
+        assert code == 2, err
+        assert err.startswith(f"error: --out: cannot write {target}") and len(err.strip().splitlines()) == 1, err
+
+
+# --- Dask ---------------------------------------------------------------------------------------------
+def test_unreachable_dask_scheduler_is_one_line_exit_3(env, prefect_logging, capsys, monkeypatch):
+    from flows import prefect_flows
+
+    monkeypatch.setattr(prefect_flows, "DASK_CONNECT_TIMEOUT", 1.0, raising=False)
+    started = []
+    monkeypatch.setattr(prefect_flows, "run_hourly", lambda **kwargs: started.append(kwargs) or {})
+    code, _, err = cli(capsys, "run", "--root", env["root"], "--meters", env["meters"], "--dask", "tcp://127.0.0.1:9")
+    assert code == 3, err
+    assert err.startswith("error: Dask scheduler at tcp://127.0.0.1:9 unreachable"), err
+    assert len(err.strip().splitlines()) == 1 and started == []

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
-from flows.storage import TMP, RetryPolicy, S3Settings, Storage, StorageError
+from flows.storage import TMP, RetryPolicy, RootError, S3Settings, Storage, StorageError
 
 from fixtures_s3 import FAKE_KEY, FAKE_SECRET
 
@@ -163,6 +163,38 @@ def test_local_root_checks(tmp_path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match="not a folder"):
         Storage(str(tmp_path / "file")).check_root()
+
+
+@pytest.mark.parametrize(
+    ("root", "message"),
+    [
+        ("", "is empty"),  # an unset variable: once meant the filesystem root
+        ("   ", "is empty"),
+        ("gs://bucket/x", "unsupported storage root"),  # once a local folder named 'gs:'
+        ("http://host/x", "unsupported storage root"),
+        ("file:///tmp/x", "unsupported storage root"),
+        ("s3://", "names no bucket"),
+        ("s3:///x", "names no bucket"),
+        ("s3://Bad_Bucket!/x", "not a valid bucket name"),
+    ],
+)
+def test_roots_that_cannot_be_meant_are_refused(root: str, message: str) -> None:
+    with pytest.raises(RootError, match=message):
+        Storage(root, S3Settings())
+
+
+def test_valid_roots_are_accepted(tmp_path) -> None:
+    assert Storage("/").base == "/"
+    assert Storage(str(tmp_path) + "/").root == str(tmp_path)
+    s3 = Storage("s3://my.bucket-1/some/prefix/", S3Settings())
+    assert (s3.bucket, s3.key_prefix) == ("my.bucket-1", "some/prefix")
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:9000", "127.0.0.1:9000", "http://", "ftp://host:21", "http://h:port"])
+def test_an_endpoint_that_is_not_an_http_url_is_a_storage_error(endpoint: str) -> None:
+    with pytest.raises(StorageError, match="is not an http:// or https:// URL"):
+        Storage("s3://bucket/x", S3Settings(endpoint_url=endpoint))
+    Storage("s3://bucket/x", S3Settings(endpoint_url="https://s3.example.com:9000"))  # fine
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
