@@ -278,7 +278,7 @@ def _ingest_chunk(
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
     reasons.update(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     total.unchanged += unchanged
-    total.records += new.height + quarantine.height - dups.height
+    total.records += new.height + quarantine.filter(pl.col("stage") != "file").height - dups.height  # not files
     total.valid += new.height
     total.duplicates += dups.height
     total.stored += kept.height

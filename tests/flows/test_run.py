@@ -158,6 +158,8 @@ def test_unreadable_files_are_quarantined_whole_and_the_run_goes_on(tmp_path: Pa
     ]
     assert all(q["message"].str.len_chars() > 0)
     assert summary["events_stored"] == 2
+    assert summary["events_read"] == 2  # an unreadable file is counted under its reason, not as an event
+    assert summary["quarantined"] == {"unreadable_file": 2}
     assert values(table(storage, "tokens_total"), "subject") == {("c",): 5.0, ("customer-1",): 3.0}
     # quarantined files are recorded as processed: the next run does not retry them forever
     assert quiet_run(storage)["batches"] == 0
