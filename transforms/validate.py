@@ -49,7 +49,7 @@ _SURROGATE_ESCAPE = r"\\[uU][dD][89a-fA-F]"
 def json_objects(data: pl.Series, check: pl.Series | None = None) -> pl.Series:
     """Per row, whether `data` is one JSON object (whitespace around it allowed) or null.
 
-    Only the rows `check` marks are checked (all rows without it). Text that a parser wrote from a parsed
+    Only the rows `check` marks, and text without a quote, are checked (all rows without `check`). Text that a parser wrote from a parsed
     object is JSON by construction, but Parquet text columns and JSONL payloads sent as a JSON string are
     the producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an event that counts for COUNT and
     is `missing_value` everywhere else. The verdict is orjson's (strict RFC 8259: no NaN, no numbers beyond
@@ -57,7 +57,9 @@ def json_objects(data: pl.Series, check: pl.Series | None = None) -> pl.Series:
     first; only if that fails, or a surrogate escape is present, is each of them checked with orjson
     (Polars' decoder fails the whole column and cannot say which row).
     """
-    rows = data.is_not_null() if check is None else data.is_not_null() & check.fill_null(False)
+    rows = data.is_not_null()
+    if check is not None:  # and text without a quote: no object a parser writes back, except `{}`, lacks one
+        rows = rows & (check.fill_null(False) | ~data.str.contains('"', literal=True))
     texts = data.filter(rows)
     ok = pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True)
     if texts.is_empty() or _all_objects(texts):

@@ -125,23 +125,23 @@ def test_data_text_that_is_not_json_is_quarantined_not_counted(tmp_path: Path) -
     storage = local_root(tmp_path)
     meters = meterset("meters:\n  - {slug: requests, eventType: prompt, aggregation: COUNT}\n")
     t = "2024-01-01T00:00:00Z"
-    land(
-        storage,
-        "a.jsonl",
-        jsonl([event("j1", t, data={"v": 1}), event("j2", t, data='{"v": 1,'), event("j3", t, data=' {"v": 2}')]),
-    )
+    jsonl_data = [{"v": 1}, '{"v": 1,', ' {"v": 2}']
+    land(storage, "a.jsonl", jsonl([event(f"j{i + 1}", t, data=d) for i, d in enumerate(jsonl_data)]))
+    # A file without any backslash, where a payload sent as a string cannot hold a quote.
+    land(storage, "c.jsonl", jsonl([event("k1", t, data={"v": 1}), event("k2", t, data="{not json}")]))
     texts = ['{"v": 1}', "{not json}", '{"v": NaN}', '{"v": 4} trailing']
     rows = [event(f"p{i}", t, data=text) for i, text in enumerate(texts)]
     land(storage, "b.parquet", parquet_bytes(pl.DataFrame(rows)))
     summary = run(storage, meters)
-    assert summary["events_stored"] == 3
+    assert summary["events_stored"] == 4
     quarantine = pl.read_parquet(f"{storage.root}/quarantine/records/*.parquet")
     assert sorted(quarantine.select("event_id", "reason").rows()) == [
         ("j2", "bad_data"),
+        ("k2", "bad_data"),
         ("p1", "bad_data"),
         ("p2", "bad_data"),
         ("p3", "bad_data"),
     ]
     stored = pl.read_parquet(f"{storage.root}/events/**/*.parquet")["id"].sort().to_list()
-    assert stored == ["j1", "j3", "p0"]
-    assert pl.read_parquet(f"{storage.root}/usage/requests/period/**/*.parquet")["value"].to_list() == [3.0]
+    assert stored == ["j1", "j3", "k1", "p0"]
+    assert pl.read_parquet(f"{storage.root}/usage/requests/period/**/*.parquet")["value"].to_list() == [4.0]
