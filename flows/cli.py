@@ -44,10 +44,13 @@ def fail(message: str, code: int = EXIT_USER) -> None:
 
 
 def parse_date(value: str, option: str) -> dt.date:
+    """YYYY-MM-DD only: Python also reads 20240131 and 2024-W05-3, which a typo can turn into another day."""
     try:
-        return dt.date.fromisoformat(value)
+        if len(value) == 10 and value[4] == value[7] == "-":
+            return dt.date.fromisoformat(value)
     except ValueError:
-        fail(f"{option}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31")
+        pass
+    fail(f"{option}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31")
     raise AssertionError
 
 
@@ -587,6 +590,10 @@ def quarantine(
     total = int(counts["count"].sum() or 0)
     if not total:
         console.print("quarantine is empty for this selection")
+        if meter is not None:  # a mistyped slug looks like a meter without exclusions: name the ones there are
+            with _user_mistakes():
+                found = tools.quarantine_counts(storage, stage="meter")["meter"].unique().sort().to_list()
+            console.print(f"meters with excluded values: {', '.join(found)}" if found else "no meter has any")
         return
     body = [[r["stage"], r["reason"], r["meter"] or "-", r["count"]] for r in counts.iter_rows(named=True)]
     console.print(

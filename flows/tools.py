@@ -109,8 +109,11 @@ def _date(value: str | dt.date | None, name: str) -> str | None:
     if isinstance(value, dt.date):
         day = value
     else:
+        text = str(value)
         try:
-            day = dt.date.fromisoformat(str(value))
+            if len(text) != 10 or text[4] != "-" or text[7] != "-":  # not 20240131 or 2024-W05-3
+                raise ValueError
+            day = dt.date.fromisoformat(text)
         except ValueError:
             raise ToolError(f"{name}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31") from None
     check_event_years(name, day)

@@ -230,8 +230,14 @@ def test_quarantine(env, capsys):
     assert "1 rejected record(s)" in out and "first" not in out
     code, _, err = cli(capsys, "quarantine", "--root", env["root"], "--reason", "nonsense")
     assert code == 2 and "unknown reason" in err
-    code, _, err = cli(capsys, "quarantine", "--root", env["root"], "--since", "01/02/2024")
-    assert code == 2 and "not a date" in err
+    code, out, _ = cli(capsys, "quarantine", "--root", env["root"], "--meter", "durration")  # a typo
+    assert code == 0 and out.splitlines() == [
+        "quarantine is empty for this selection",
+        "meters with excluded values: duration",
+    ]
+    for since in ("01/02/2024", "20240102"):
+        code, _, err = cli(capsys, "quarantine", "--root", env["root"], "--since", since)
+        assert code == 2 and "not a date" in err
 
 
 def test_status(env, capsys):
@@ -590,3 +596,12 @@ def test_unreachable_dask_scheduler_is_one_line_exit_3(env, prefect_logging, cap
     assert code == 3, err
     assert err.startswith("error: Dask scheduler at tcp://127.0.0.1:9 unreachable"), err
     assert len(err.strip().splitlines()) == 1 and started == []
+
+
+@pytest.mark.parametrize("value", ["20240101", "2024-W01-1", "2024-1-01", "2024-01-32", "01/02/2024", ""])
+def test_backfill_dates_are_yyyy_mm_dd_only(env, capsys, tmp_path, value):
+    # Python's fromisoformat also reads 20240101 and ISO week dates: a typo must not become another day.
+    root = local_root(tmp_path)
+    args = ("backfill", "--from", value, "--to", "2024-03-01", "--root", root.root, "--meters", env["meters"])
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and err.strip() == f"error: --from: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31"
