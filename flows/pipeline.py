@@ -275,7 +275,7 @@ def _ingest_chunk(
     state.write_pending(storage, state.Pending(run_id=run_id, files=total.files, touched=total.touched))
     write_events(storage, kept, name)
     for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
-        storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
+        storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_date(run_id))))
     reasons.update(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     total.unchanged += unchanged
     total.records += new.height + quarantine.filter(pl.col("stage") != "file").height - dups.height  # not files
@@ -283,6 +283,11 @@ def _ingest_chunk(
     total.duplicates += dups.height
     total.stored += kept.height
     return rows
+
+
+def run_date(run_id: str) -> str:
+    """The UTC day a run started, YYYY-MM-DD like every other `date` column (run ids start YYYYMMDD)."""
+    return f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"
 
 
 def write_events(storage: Storage, kept: pl.DataFrame, run_id: str) -> None:
@@ -538,7 +543,7 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=touched, deletes=old))
     write_events(storage, kept, run_id)
     for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
-        storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_id[:8])))
+        storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_date(run_id))))
     state.commit_manifest(storage, run_id, [{**r, "run_id": run_id} for r in rows])
     storage.delete(old)
     reasons = Counter(quarantine["reason"].to_list())

@@ -194,7 +194,7 @@ def query(
 
 # --- quarantine --------------------------------------------------------------------------------------
 def _normal_date(expr: pl.Expr) -> pl.Expr:
-    """Record files carry the run day as YYYYMMDD; meter files the event day as YYYY-MM-DD."""
+    """Record files written before 2026-11-28 carry the run day as YYYYMMDD; all others YYYY-MM-DD."""
     return (
         pl.when(expr.str.contains(r"^\d{8}$"))
         .then(expr.str.slice(0, 4) + "-" + expr.str.slice(4, 2) + "-" + expr.str.slice(6, 2))

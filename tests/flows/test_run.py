@@ -159,6 +159,9 @@ def test_unreadable_files_are_quarantined_whole_and_the_run_goes_on(tmp_path: Pa
     assert all(q["message"].str.len_chars() > 0)
     assert summary["events_stored"] == 2
     assert summary["events_read"] == 2  # an unreadable file is counted under its reason, not as an event
+    # `date` is the run's UTC day, YYYY-MM-DD as in quarantine/meter/: one glob reads both with one format
+    run_id = summary["run_id"]  # YYYYMMDDTHHMMSSZ-...
+    assert q["date"].to_list() == [f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"] * 2
     assert summary["quarantined"] == {"unreadable_file": 2}
     assert values(table(storage, "tokens_total"), "subject") == {("c",): 5.0, ("customer-1",): 3.0}
     # quarantined files are recorded as processed: the next run does not retry them forever
