@@ -105,8 +105,8 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
     where = f"meter {slug!r}" if isinstance(slug, str) and slug else f"meters[{index}]"
     before = len(problems)
 
-    def bad(field: str, message: str) -> None:
-        line = _line(fields[field][1]) if field in fields else _line(node)
+    def bad(field: str, message: str, line: int | None = None) -> None:
+        line = line or (_line(fields[field][1]) if field in fields else _line(node))
         problems.append(Problem(line, f"{where} {field}", message))
 
     for name, (key, _) in fields.items():
@@ -142,19 +142,30 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
     if not isinstance(group_by, dict):
         bad("groupBy", "must be a mapping of column name to JSONPath")
         group_by = {}
+    group_node = fields["groupBy"][1] if "groupBy" in fields else None
+    key_lines = (
+        {str(name): _line(k) for name, (k, _) in _mapping(group_node).items()}
+        if isinstance(group_node, yaml.MappingNode)
+        else {}
+    )  # each key's problems at its own line
     for key, path in group_by.items():
         key_s = str(key)
+        line = key_lines.get(key_s)
         if not GROUP_KEY.fullmatch(key_s):
-            bad("groupBy", f"key {key_s!r} is invalid: only letters, digits and underscores, not starting with a digit")
+            bad(
+                "groupBy",
+                f"key {key_s!r} is invalid: only letters, digits and underscores, not starting with a digit",
+                line,
+            )
         elif key_s in RESERVED_COLUMNS:
-            bad("groupBy", f"key {key_s!r} is reserved for an output column; rename it")
+            bad("groupBy", f"key {key_s!r} is reserved for an output column; rename it", line)
         try:
             group_paths[key_s] = normalise_path(path)
         except JsonPathError as exc:
-            bad("groupBy", f"path {path!r} for key {key_s!r} {exc}")
+            bad("groupBy", f"path {path!r} for key {key_s!r} {exc}", line)
             continue
         if value_path is not None and group_paths[key_s] == value_path:
-            bad("groupBy", f"path {path!r} for key {key_s!r} is the same as valueProperty")
+            bad("groupBy", f"path {path!r} for key {key_s!r} is the same as valueProperty", line)
     if len(problems) > before:
         return None
     return Meter(

@@ -676,3 +676,22 @@ def test_fingerprint_ignores_description_but_not_paths() -> None:
     d = parse_meters(doc(meter(valueProperty="$['tokens']"))).meters[0]  # same path, other spelling
     assert a.fingerprint() == b.fingerprint() == d.fingerprint()
     assert a.fingerprint() != c.fingerprint()
+
+
+def test_each_group_by_problem_is_reported_at_its_own_key() -> None:
+    text = """meters:
+  - slug: m
+    eventType: t
+    aggregation: SUM
+    valueProperty: $.v
+    groupBy:
+      ok: $.a
+      same: $.v
+      window_start: $.b
+      bad key: $.c
+      wild: $.items[*]
+"""
+    got = sorted((p.line, p.message) for p in problems_of(text))
+    assert [line for line, _ in got] == [8, 9, 10, 11]  # not all at line 7, the first key's
+    for (_, message), key in zip(got, ["same", "window_start", "bad key", "wild"], strict=True):
+        assert f"key {key!r}" in message, message
