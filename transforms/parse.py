@@ -137,7 +137,8 @@ def _has_text_data(raw: bytes) -> bool:
 
     Without a backslash in the file (`in` a byte is a fast memchr; the searches below cost ~0.3 s per 1M
     events), a string cannot hold a quote: string-sent `data` then has none, and validation checks every
-    text without a quote anyway (Polars writes a quote into every non-empty object it writes back).
+    text without a quote, or not starting with `{`, anyway (see `transforms.validate.json_objects`). A key
+    spelled with an escape (`"d\\u0061ta"`) is not found: such a file's text is trusted.
     """
     if b"\\" not in raw:
         return False
@@ -279,7 +280,8 @@ def _loads_leniently(line: bytes) -> object:
 
 
 def _dumps(data: dict) -> str:
-    """Compact JSON text; a lone surrogate (which no UTF-8 text holds) stays escaped as `\\udXXX`."""
+    """Compact JSON text. orjson first; where it refuses (a lone surrogate, which no UTF-8 text holds; an
+    integer beyond 64 bits) Python's encoder, which keeps such characters, and every non-ASCII one, escaped."""
     try:
         return orjson.dumps(data).decode()
     except orjson.JSONEncodeError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import orjson
 import polars as pl
 
@@ -11,6 +13,8 @@ from transforms.schema import ENVELOPE, TIME
 RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
 
 MIN_YEAR, MAX_YEAR = "1678", "2261"  # the whole years that Datetime(ns) can hold
+# The days event times can fall on: [FIRST_EVENT_DAY, END_EVENT_DAY). Ranges asked for must lie there too.
+FIRST_EVENT_DAY, END_EVENT_DAY = dt.date(int(MIN_YEAR), 1, 1), dt.date(int(MAX_YEAR) + 1, 1, 1)
 
 REASONS = {
     "missing_id": "id is absent, null, empty or not a string",
@@ -49,17 +53,20 @@ _SURROGATE_ESCAPE = r"\\[uU][dD][89a-fA-F]"
 def json_objects(data: pl.Series, check: pl.Series | None = None) -> pl.Series:
     """Per row, whether `data` is one JSON object (whitespace around it allowed) or null.
 
-    Only the rows `check` marks, and text without a quote, are checked (all rows without `check`). Text that a parser wrote from a parsed
-    object is JSON by construction, but Parquet text columns and JSONL payloads sent as a JSON string are
-    the producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an event that counts for COUNT and
-    is `missing_value` everywhere else. The verdict is orjson's (strict RFC 8259: no NaN, no numbers beyond
+    Checked are the rows `check` marks, every text that does not start with `{`, and every text without a
+    quote (all rows without `check`). The others are objects that a parser wrote back from parsed JSON, and
+    such text is JSON by construction; Parquet text columns and JSONL payloads sent as a JSON string are the
+    producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an event that counts for COUNT and is
+    `missing_value` everywhere else. The verdict is orjson's (strict RFC 8259: no NaN, no numbers beyond
     Float64, no raw control characters, no lone surrogates). Polars decodes the checked rows at native speed
     first; only if that fails, or a surrogate escape is present, is each of them checked with orjson
     (Polars' decoder fails the whole column and cannot say which row).
     """
     rows = data.is_not_null()
-    if check is not None:  # and text without a quote: no object a parser writes back, except `{}`, lacks one
-        rows = rows & (check.fill_null(False) | ~data.str.contains('"', literal=True))
+    if check is not None:
+        # An array or a string written back is not an object; an object written back holds a quote unless `{}`.
+        unchecked = data.str.strip_chars(" \t\n\r").str.starts_with("{") & data.str.contains('"', literal=True)
+        rows = rows & (check.fill_null(False) | ~unchecked)
     texts = data.filter(rows)
     ok = pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True)
     if texts.is_empty() or _all_objects(texts):

@@ -129,6 +129,8 @@ def test_data_text_that_is_not_json_is_quarantined_not_counted(tmp_path: Path) -
     land(storage, "a.jsonl", jsonl([event(f"j{i + 1}", t, data=d) for i, d in enumerate(jsonl_data)]))
     # A file without any backslash, where a payload sent as a string cannot hold a quote.
     land(storage, "c.jsonl", jsonl([event("k1", t, data={"v": 1}), event("k2", t, data="{not json}")]))
+    # Arrays that hold a quote, in a file without a backslash: not objects either.
+    land(storage, "d.jsonl", jsonl([event("m1", t, data=["x"]), event("m2", t, data=[{"v": 1}])]))
     texts = ['{"v": 1}', "{not json}", '{"v": NaN}', '{"v": 4} trailing']
     rows = [event(f"p{i}", t, data=text) for i, text in enumerate(texts)]
     land(storage, "b.parquet", parquet_bytes(pl.DataFrame(rows)))
@@ -138,6 +140,8 @@ def test_data_text_that_is_not_json_is_quarantined_not_counted(tmp_path: Path) -
     assert sorted(quarantine.select("event_id", "reason").rows()) == [
         ("j2", "bad_data"),
         ("k2", "bad_data"),
+        ("m1", "bad_data"),
+        ("m2", "bad_data"),
         ("p1", "bad_data"),
         ("p2", "bad_data"),
         ("p3", "bad_data"),

@@ -164,10 +164,11 @@ def test_data_text_that_is_not_a_json_object_is_bad_data(text: str) -> None:
 def test_only_rows_marked_as_text_and_text_without_a_quote_are_checked() -> None:
     # Rows whose data a parser wrote from a parsed value are JSON by construction (the check costs a parse);
     # such text always holds a quote, except `{}`, so text without one is checked whatever the mark.
-    texts = ['{"v": 1,', '{"v": 1,', "{bad", "{}"]
-    records = _text_data(texts).with_columns(data_is_text=pl.Series([True, False, False, False]))
+    # Text that does not start with `{` (an array or a string written back) is checked too.
+    texts = ['{"v": 1,', '{"v": 1,', "{bad", "{}", '["x"]', ' ["x", {"v": 1}]']
+    records = _text_data(texts).with_columns(data_is_text=pl.Series([True] + [False] * 5))
     valid, rejected = validate(records)
-    assert rejected.select("id", "reason").rows() == [("e0", "bad_data"), ("e2", "bad_data")]
+    assert rejected.select("id", "reason").rows() == [(f"e{i}", "bad_data") for i in (0, 2, 4, 5)]
     assert valid["id"].to_list() == ["e1", "e3"]
     assert "data_is_text" not in valid.columns and "data_is_text" not in rejected.columns
 
