@@ -25,7 +25,7 @@ from transforms.dedupe import KEY, dedupe
 from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import key_runs
-from transforms.validate import DATA_IS_TEXT, MAX_YEAR, MIN_YEAR, validate
+from transforms.validate import DATA_IS_TEXT, END_EVENT_DAY, FIRST_EVENT_DAY, validate
 
 LANDING = "landing"
 LOCK_TTL = 2 * 3600
@@ -278,11 +278,16 @@ def _ingest_chunk(
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_date(run_id))))
     reasons.update(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     total.unchanged += unchanged
-    total.records += new.height + quarantine.filter(pl.col("stage") != "file").height - dups.height  # not files
+    total.records += records_read(new, quarantine) - dups.height  # the duplicates are in both
     total.valid += new.height
     total.duplicates += dups.height
     total.stored += kept.height
     return rows
+
+
+def records_read(valid: pl.DataFrame, quarantine: pl.DataFrame) -> int:
+    """Records read: the valid ones and the rejected ones; an unreadable file counts under its reason only."""
+    return valid.height + quarantine.filter(pl.col("stage") != "file").height
 
 
 def run_date(run_id: str) -> str:
@@ -549,7 +554,7 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     reasons = Counter(quarantine["reason"].to_list())
     return IngestResult(
         batches=len(batches),
-        records=new.height + quarantine.height,
+        records=records_read(new, quarantine),
         valid=new.height,
         duplicates=dups.height,
         stored=kept.height,
@@ -578,9 +583,8 @@ def backfill(
     """
     if end <= start:
         raise ValueError(f"--to ({end}) must be after --from ({start})")
-    first, after = dt.date(int(MIN_YEAR), 1, 1), dt.date(int(MAX_YEAR) + 1, 1, 1)
-    if start < first or end > after:  # also for a deployment run, which the command line's check never sees
-        raise ValueError(f"a backfill lies within {first}..{after}, the years event times can hold")
+    if start < FIRST_EVENT_DAY or end > END_EVENT_DAY:  # also for a deployment run, unchecked by the command line
+        raise ValueError(f"a backfill lies within {FIRST_EVENT_DAY}..{END_EVENT_DAY}, the years event times can hold")
     started = time.perf_counter()
     selected = meterset.select(slugs)
     run_id = state.new_run_id()

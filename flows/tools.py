@@ -28,7 +28,7 @@ from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
 from transforms.query import EVENT_COLUMNS, Query, QueryError, in_range, make_query, run_query, utc_dates
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import collect_tables, exclusions, period_table
-from transforms.validate import MAX_YEAR, MIN_YEAR, REASONS, validate
+from transforms.validate import END_EVENT_DAY, FIRST_EVENT_DAY, MAX_YEAR, MIN_YEAR, REASONS, validate
 from transforms.windows import period_table as periods_for_dates
 
 __all__ = [
@@ -83,7 +83,7 @@ def meter_of(meterset: MeterSet, slug: str) -> Meter:
 # Event times are Datetime(ns): whole years 1678-2261 (transforms.validate). Dates and times given to any
 # command must lie there too; a range's end may be the first instant after them.
 EVENT_YEARS = f"{MIN_YEAR}-{MAX_YEAR}"
-FIRST_TIME, END_TIME = dt.datetime(int(MIN_YEAR), 1, 1), dt.datetime(int(MAX_YEAR) + 1, 1, 1)
+FIRST_TIME, END_TIME = (dt.datetime.combine(d, dt.time()) for d in (FIRST_EVENT_DAY, END_EVENT_DAY))
 
 
 def check_event_years(name: str, value: dt.date | dt.datetime, *, end: bool = False) -> None:
@@ -99,7 +99,7 @@ def check_event_years(name: str, value: dt.date | dt.datetime, *, end: bool = Fa
 def _year(value: object) -> int | None:
     if isinstance(value, dt.date):
         return value.year
-    match = re.match(r"(\d{4})-", str(value))
+    match = re.match(r"(\d{4})-", str(value).strip())  # parse_bound strips the text too
     return int(match.group(1)) if match else None
 
 
@@ -141,8 +141,11 @@ def plan_query(
             raise ToolError(f"{name}: {value} is outside the years event times can hold ({EVENT_YEARS})")
     q = make_query(meter, from_, to, window=window, tz=tz, subjects=subjects, group_by=group_by, filters=filters)
     zone = zoneinfo.ZoneInfo(q.tz)
-    check_event_years("from", q.start.astimezone(zone))
-    check_event_years("to", q.end.astimezone(zone), end=True)
+    try:
+        check_event_years("from", q.start.astimezone(zone))
+        check_event_years("to", q.end.astimezone(zone), end=True)
+    except OverflowError:  # a bound at the very edge of Python's dates, moved by the zone
+        raise ToolError(f"from/to: outside the years event times can hold ({EVENT_YEARS})") from None
     return meter, q
 
 
@@ -194,7 +197,7 @@ def query(
 
 # --- quarantine --------------------------------------------------------------------------------------
 def _normal_date(expr: pl.Expr) -> pl.Expr:
-    """Record files written before 2026-11-28 carry the run day as YYYYMMDD; all others YYYY-MM-DD."""
+    """Record files written before commit 9001289 carry the run day as YYYYMMDD; all others YYYY-MM-DD."""
     return (
         pl.when(expr.str.contains(r"^\d{8}$"))
         .then(expr.str.slice(0, 4) + "-" + expr.str.slice(4, 2) + "-" + expr.str.slice(6, 2))

@@ -161,12 +161,16 @@ def test_a_backfill_over_decades_writes_files_only_for_days_with_events(tmp_path
 
 @pytest.mark.parametrize(("start", "end"), [((1677, 12, 31), (2024, 1, 1)), ((2024, 1, 1), (2262, 1, 2))])
 def test_a_backfill_beyond_the_years_of_event_times_is_refused_before_anything_is_touched(
-    tmp_path: Path, start: tuple, end: tuple
+    tmp_path: Path, start: tuple, end: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A deployment's backfill reaches pipeline.backfill without the command line's date check."""
+    from flows import state
+
     storage = Storage(str(tmp_path / "root"))
     _land(storage)
+    locked = []
+    monkeypatch.setattr(state, "acquire_lock", lambda *a, **k: locked.append(a))
     with pytest.raises(ValueError, match=r"1678-01-01\.\.2262-01-01"):
         pipeline.backfill(storage, meterset(METERS), dt.date(*start), dt.date(*end), log=str)
+    assert locked == []  # refused before the lock, not after it
     assert {p.name for p in (tmp_path / "root").iterdir()} == {"landing", "_state"}  # landed, nothing run
-    assert not (tmp_path / "root" / "_state" / "lock.json").exists()

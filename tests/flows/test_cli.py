@@ -405,6 +405,7 @@ def test_serve_refuses_a_bad_cron(env, prefect_logging, capsys, no_serving):
     [
         ["query", "duration", "--from", "2024-01-01", "--to", "2300-01-01"],
         ["query", "duration", "--from", "0001-01-01", "--to", "2024-01-01"],
+        ["query", "duration", "--from", " 0001-01-01", "--to", "2024-01-01", "--tz", "Asia/Tokyo"],
         ["query", "duration", "--from", "2024-01-01T00:00:00Z", "--to", "2262-06-01T00:00:00Z"],
         ["backfill", "--from", "0001-01-01", "--to", "9999-12-31"],
         ["backfill", "--from", "2024-01-01", "--to", "2262-01-02"],
@@ -589,7 +590,7 @@ def test_unwritable_out_file_is_one_line_exit_2(env, capsys, tmp_path, monkeypat
 def test_unreachable_dask_scheduler_is_one_line_exit_3(env, prefect_logging, capsys, monkeypatch):
     from flows import prefect_flows
 
-    monkeypatch.setattr(prefect_flows, "DASK_CONNECT_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(prefect_flows, "DASK_CONNECT_TIMEOUT", 1.0)
     started = []
     monkeypatch.setattr(prefect_flows, "run_hourly", lambda **kwargs: started.append(kwargs) or {})
     code, _, err = cli(capsys, "run", "--root", env["root"], "--meters", env["meters"], "--dask", "tcp://127.0.0.1:9")

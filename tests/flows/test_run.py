@@ -166,6 +166,11 @@ def test_unreadable_files_are_quarantined_whole_and_the_run_goes_on(tmp_path: Pa
     assert values(table(storage, "tokens_total"), "subject") == {("c",): 5.0, ("customer-1",): 3.0}
     # quarantined files are recorded as processed: the next run does not retry them forever
     assert quiet_run(storage)["batches"] == 0
+    # a re-ingest reads them again and counts them the same way
+    again = pipeline.backfill(
+        storage, METERS, dt.date(2024, 1, 1), dt.date(2024, 2, 1), reingest_landing=True, log=lambda _: None
+    )
+    assert (again["events_read"], again["quarantined"]) == (2, {"unreadable_file": 2})
 
 
 def test_a_key_first_seen_after_ten_thousand_events_is_extracted(tmp_path: Path) -> None:
