@@ -173,7 +173,10 @@ def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.dateti
 
 
 def refresh_lock(storage: Storage, run_id: str, ttl_seconds: int) -> None:
-    held = storage.read_json(LOCK)
+    lock = read_lock(storage)  # damaged mid-run: LockUnreadable, exit 4, as at the start
+    if lock is None:
+        raise LockHeld("lost the run lock: its file is gone")
+    held, _ = lock
     if held.get("run_id") != run_id:
         raise LockHeld(f"lost the run lock to {held.get('run_id')}")
     now = dt.datetime.now(dt.UTC)
@@ -182,11 +185,13 @@ def refresh_lock(storage: Storage, run_id: str, ttl_seconds: int) -> None:
 
 
 def release_lock(storage: Storage, run_id: str) -> None:
+    """Delete the lock if it is this run's; a missing or damaged one is left to the user (see `read_lock`)."""
     try:
-        if storage.read_json(LOCK).get("run_id") == run_id:
-            storage.delete([LOCK])
-    except FileNotFoundError:
-        pass
+        lock = read_lock(storage)
+    except LockUnreadable:
+        return
+    if lock is not None and lock[0].get("run_id") == run_id:
+        storage.delete([LOCK])
 
 
 # --- run records and meter fingerprints ---------------------------------------------------------

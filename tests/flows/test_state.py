@@ -30,3 +30,13 @@ def test_a_run_that_lost_its_lock_cannot_refresh_it(tmp_path: Path) -> None:
     with pytest.raises(state.LockHeld, match="other"):
         state.refresh_lock(storage, "mine", ttl_seconds=3600)
     assert storage.read_bytes(state.LOCK) == held  # still other's, with other's expiry
+
+
+def test_a_lock_damaged_mid_run_stops_the_refresh_and_is_left_for_the_user(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    state.acquire_lock(storage, "mine", ttl_seconds=3600)
+    storage.write_bytes(state.LOCK, b"")  # emptied by hand, or a torn write of some other tool
+    with pytest.raises(state.LockUnreadable, match="empty file"):
+        state.refresh_lock(storage, "mine", ttl_seconds=3600)
+    state.release_lock(storage, "mine")  # no crash on the way out, and no guess about whose it was
+    assert storage.read_bytes(state.LOCK) == b""
