@@ -1,7 +1,8 @@
 """The `meterlake` command line. User mistakes end in one clear line and a non-zero exit, never a traceback.
 
-Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date, meter name, option);
-3 storage unreachable or refused; 4 another run holds the lock.
+Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date, meter name, option, root);
+3 storage (or the Dask scheduler) unreachable or refused; 4 another run holds the lock, or its file is damaged;
+130 and 143 stopped by Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -593,7 +594,8 @@ def quarantine(
         if meter is not None:  # a mistyped slug looks like a meter without exclusions: name the ones there are
             with _user_mistakes():
                 found = tools.quarantine_counts(storage, stage="meter")["meter"].unique().sort().to_list()
-            console.print(f"meters with excluded values: {', '.join(found)}" if found else "no meter has any")
+            if meter not in found:  # (emptied by --since or --reason otherwise)
+                console.print(f"meters with excluded values: {', '.join(found)}" if found else "no meter has any")
         return
     body = [[r["stage"], r["reason"], r["meter"] or "-", r["count"]] for r in counts.iter_rows(named=True)]
     console.print(

@@ -143,11 +143,11 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
         bad("groupBy", "must be a mapping of column name to JSONPath")
         group_by = {}
     group_node = fields["groupBy"][1] if "groupBy" in fields else None
+    # Each key's problems at its own line (a list of ten keys all at the first would hide which one); the
+    # key as group_by spells it, so `on` (YAML 1.1's True) and `1.50` find their lines too.
     key_lines = (
-        {str(name): _line(k) for name, (k, _) in _mapping(group_node).items()}
-        if isinstance(group_node, yaml.MappingNode)
-        else {}
-    )  # each key's problems at its own line
+        {str(_plain(k)): _line(k) for k, _ in group_node.value} if isinstance(group_node, yaml.MappingNode) else {}
+    )
     for key, path in group_by.items():
         key_s = str(key)
         line = key_lines.get(key_s)

@@ -695,3 +695,16 @@ def test_each_group_by_problem_is_reported_at_its_own_key() -> None:
     assert [line for line, _ in got] == [8, 9, 10, 11]  # not all at line 7, the first key's
     for (_, message), key in zip(got, ["same", "window_start", "bad key", "wild"], strict=True):
         assert f"key {key!r}" in message, message
+
+
+def test_group_by_keys_that_yaml_reads_as_other_types_keep_their_lines() -> None:
+    text = """meters:
+  - slug: m
+    eventType: t
+    aggregation: COUNT
+    groupBy:
+      ok: $.a
+      on: $..c
+      1.50: $..d
+"""
+    assert sorted(p.line for p in problems_of(text)) == [7, 8, 8]  # 1.50: a bad key and a bad path
