@@ -61,11 +61,12 @@ def _load(meters: str):
     return load_meters_file(meters)
 
 
-def _storage(root: str, must_exist: bool = True):
+def _storage(root: str):
+    """The storage at `root`, checked: a missing root is exit 3 in every command (a typo must not create one)."""
     from flows.storage import Storage
 
     storage = Storage(root)
-    storage.check_root(create=not must_exist and not storage.is_s3)
+    storage.check_root()
     return storage
 
 
@@ -123,14 +124,14 @@ def run(
     """
     if _use_prefect(prefect) or dask or workers:
         prefect_flows, _ = _flows(meters)
-        _storage(root, must_exist=True)
+        _storage(root)
         if workers is not None and workers < 1:
             fail("--workers must be at least 1")
         _before_flow_run(prefect_flows, dask)
         prefect_flows.run_hourly(root=root, meters=meters, dask_address=dask, workers=workers)
         return
     meterset = _load(meters)
-    storage = _storage(root, must_exist=True)
+    storage = _storage(root)
     if workers is not None and workers < 1:
         fail("--workers must be at least 1")
     from flows.pipeline import run as run_once
