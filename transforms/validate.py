@@ -58,30 +58,40 @@ def json_objects(data: pl.Series, check: pl.Series | None = None) -> pl.Series:
     such text is JSON by construction; Parquet text columns and JSONL payloads sent as a JSON string are the
     producer's own text: `{"v": 1,` or `{"v": NaN}` must not become an event that counts for COUNT and is
     `missing_value` everywhere else. The verdict is orjson's (strict RFC 8259: no NaN, no numbers beyond
-    Float64, no raw control characters, no lone surrogates). Polars decodes the checked rows at native speed
-    first; only if that fails, or a surrogate escape is present, is each of them checked with orjson
-    (Polars' decoder fails the whole column and cannot say which row).
+    Float64, no raw control characters, no lone surrogates). Rows with a surrogate escape, which Polars'
+    decoder takes even alone, are checked with orjson one by one; Polars decodes the others at native speed
+    first, and only if that fails is each of them checked with orjson (Polars' decoder fails the whole
+    column and cannot say which row). So one emoji escaped by Python's `json.dumps` costs one row, not all.
     """
     rows = data.is_not_null()
     if check is not None:
         # An array or a string written back is not an object; an object written back holds a quote unless `{}`.
         unchecked = data.str.starts_with("{") & data.str.contains('"', literal=True)  # no copy: not stripped
         rows = rows & (check.fill_null(False) | ~unchecked)
-    texts = data.filter(rows)
-    ok = pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True)
-    if texts.is_empty() or _all_objects(texts):
-        return ok
-    verdicts = pl.Series([_is_object(text) for text in texts.to_list()], dtype=pl.Boolean)
-    return ok.scatter(rows.arg_true(), verdicts)
+    at = rows.arg_true()
+    texts = data.gather(at)
+    verdicts = pl.repeat(True, texts.len(), dtype=pl.Boolean, eager=True)
+    escaped = texts.str.contains(_SURROGATE_ESCAPE)
+    if not _all_objects(texts.filter(~escaped)):
+        verdicts = _checked_one_by_one(verdicts, texts, ~escaped)
+    verdicts = _checked_one_by_one(verdicts, texts, escaped)
+    return pl.repeat(True, data.len(), dtype=pl.Boolean, eager=True).scatter(at, verdicts)
+
+
+def _checked_one_by_one(verdicts: pl.Series, texts: pl.Series, rows: pl.Series) -> pl.Series:
+    found = pl.Series([_is_object(text) for text in texts.filter(rows).to_list()], dtype=pl.Boolean)
+    return verdicts.scatter(rows.arg_true(), found) if found.len() else verdicts
 
 
 def _all_objects(texts: pl.Series) -> bool:
+    """Whether every text (none with a surrogate escape) is a JSON object, decided at native speed."""
+    if texts.is_empty():
+        return True
     try:
         found = (
             texts.to_frame("data")
             .lazy()
             .select(
-                surrogates=pl.col("data").str.contains(_SURROGATE_ESCAPE).any(),
                 objects=pl.col("data").str.strip_chars(" \t\n\r").str.starts_with("{").all(),
                 # a sum over the decoded rows, so the decoding cannot be optimised away
                 undecoded=pl.col("data").str.json_decode(pl.Struct({})).is_null().sum(),
@@ -90,7 +100,7 @@ def _all_objects(texts: pl.Series) -> bool:
         )
     except pl.exceptions.ComputeError:
         return False
-    return found["objects"].item() and not found["surrogates"].item() and found["undecoded"].item() == 0
+    return found["objects"].item() and found["undecoded"].item() == 0
 
 
 def _is_object(text: str) -> bool:

@@ -299,3 +299,17 @@ def test_a_lone_surrogate_in_a_jsonl_object_is_bad_data_in_the_pipeline_and_alon
         valid, rejected = validate(records)
         assert valid["id"].to_list() == ["ok"]
         assert rejected.select("id", "reason").rows() == [("lone", "bad_data")]
+
+
+def test_a_surrogate_escape_sends_only_its_own_row_to_the_row_by_row_check(monkeypatch) -> None:
+    # Python's json.dumps escapes every emoji as a surrogate pair: one such row must not cost every row.
+    from transforms import validate as module
+
+    checked: list[str] = []
+    original = module._is_object
+    monkeypatch.setattr(module, "_is_object", lambda text: checked.append(text) or original(text))
+    texts = ['{"v": 1}', '{"s": "\\ud83d\\ude00"}', '{"v": 2}', '{"s": "\\ud800"}']
+    valid, rejected = validate(_text_data(texts))
+    assert checked == texts[1::2]
+    assert valid["id"].to_list() == ["e0", "e1", "e2"]
+    assert rejected.select("id", "reason").rows() == [("e3", "bad_data")]
