@@ -45,10 +45,10 @@ def fail(message: str, code: int = EXIT_USER) -> None:
 
 
 def parse_date(value: str, option: str) -> dt.date:
-    """YYYY-MM-DD only: Python also reads 20240131 and 2024-W05-3, which a typo can turn into another day."""
+    from transforms.query import parse_day
+
     try:
-        if len(value) == 10 and value[4] == value[7] == "-":
-            return dt.date.fromisoformat(value)
+        return parse_day(value)
     except ValueError:
         pass
     fail(f"{option}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31")

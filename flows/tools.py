@@ -25,7 +25,7 @@ from meters import Meter, MeterSet, load_meters_file
 from transforms.dedupe import dedupe
 from transforms.extract import extract
 from transforms.parse import BATCH_SUFFIXES, parse_batch, with_raw_text
-from transforms.query import EVENT_COLUMNS, Query, QueryError, in_range, make_query, run_query, utc_dates
+from transforms.query import EVENT_COLUMNS, Query, QueryError, in_range, make_query, parse_day, run_query, utc_dates
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import collect_tables, exclusions, period_table
 from transforms.validate import END_EVENT_DAY, FIRST_EVENT_DAY, MAX_YEAR, MIN_YEAR, REASONS, validate
@@ -96,24 +96,14 @@ def check_event_years(name: str, value: dt.date | dt.datetime, *, end: bool = Fa
         raise ToolError(f"{name}: {value.isoformat()} is outside the years event times can hold ({EVENT_YEARS})")
 
 
-def _year(value: object) -> int | None:
-    if isinstance(value, dt.date):
-        return value.year
-    match = re.match(r"(\d{4})-", str(value).strip())  # parse_bound strips the text too
-    return int(match.group(1)) if match else None
-
-
 def _date(value: str | dt.date | None, name: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, dt.date):
         day = value
     else:
-        text = str(value)
         try:
-            if len(text) != 10 or text[4] != "-" or text[7] != "-":  # not 20240131 or 2024-W05-3
-                raise ValueError
-            day = dt.date.fromisoformat(text)
+            day = parse_day(str(value))
         except ValueError:
             raise ToolError(f"{name}: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31") from None
     check_event_years(name, day)
@@ -135,16 +125,12 @@ def plan_query(
 ) -> tuple[Meter, Query]:
     """Validate a query without reading any data (raises ToolError / QueryError)."""
     meter = meter_of(load(meters), slug)
-    for name, value in (("from", from_), ("to", to)):  # far outside: before any time zone arithmetic overflows
-        year = _year(value)
-        if year is not None and not int(MIN_YEAR) <= year <= int(MAX_YEAR) + 1:
-            raise ToolError(f"{name}: {value} is outside the years event times can hold ({EVENT_YEARS})")
-    q = make_query(meter, from_, to, window=window, tz=tz, subjects=subjects, group_by=group_by, filters=filters)
-    zone = zoneinfo.ZoneInfo(q.tz)
     try:
+        q = make_query(meter, from_, to, window=window, tz=tz, subjects=subjects, group_by=group_by, filters=filters)
+        zone = zoneinfo.ZoneInfo(q.tz)
         check_event_years("from", q.start.astimezone(zone))
         check_event_years("to", q.end.astimezone(zone), end=True)
-    except OverflowError:  # a bound at the very edge of Python's dates, moved by the zone
+    except OverflowError:  # a bound near year 1 or 9999, moved past Python's dates by the time zone
         raise ToolError(f"from/to: outside the years event times can hold ({EVENT_YEARS})") from None
     return meter, q
 

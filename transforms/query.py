@@ -42,6 +42,14 @@ _RFC3339 = re.compile(
 )
 
 
+def parse_day(text: str) -> dt.date:
+    """A date written YYYY-MM-DD, nothing else (ValueError): `date.fromisoformat` also reads 20240131 and
+    2024-W05-3, which a typo can turn into another day."""
+    if not _DATE.fullmatch(text):
+        raise ValueError(f"{text!r} is not YYYY-MM-DD")
+    return dt.date.fromisoformat(text)
+
+
 class QueryError(ValueError):
     """A query the user can fix (bad bound, window, zone, group or filter); the message is one line."""
 
@@ -84,7 +92,7 @@ def parse_bound(value: str | dt.date | dt.datetime, tz: str = "UTC", name: str =
     text = str(value).strip()
     if _DATE.fullmatch(text):
         try:
-            return local_midnight(dt.date.fromisoformat(text), check_zone(tz))
+            return local_midnight(parse_day(text), check_zone(tz))
         except ValueError:
             raise QueryError(f"{name}: {text!r} is not a valid date (YYYY-MM-DD)") from None
     match = _RFC3339.fullmatch(text)
