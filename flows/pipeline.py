@@ -377,12 +377,16 @@ def run(
         result: IngestResult = runner.step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
+        # Before anything is recomputed: a run killed after its commit must not leave the record behind.
+        recomputing = {m.slug for m in meterset.meters if m.event_type in result.touched}
+        fingerprints = update_fingerprints(
+            storage, meterset, first_run=not had_events, recomputed=recomputing, events_changed=result.stored > 0
+        )
         state.refresh_lock(storage, run_id, lock_ttl)
         meters_summary = recompute_all(storage, meterset, result.touched, runner)
         state.refresh_lock(storage, run_id, lock_ttl)
         if result.manifest_rows or result.files:
             runner.step("commit", state.commit_manifest, storage, run_id, result.manifest_rows)
-        fingerprints = update_fingerprints(storage, meterset, first_run=not had_events)
         state.clear_pending(storage, run_id)
         summary = _summary(run_id, "run", result, meters_summary, started, fingerprints)
         summary["stale_periods"] = stale_periods(storage, fingerprints)
@@ -443,16 +447,40 @@ def recompute_all(
     return summary
 
 
+MIXED = "mixed"  # a stored fingerprint no definition has: tables built partly by one definition, partly by another
+
+
 def update_fingerprints(
-    storage: Storage, meterset: MeterSet, first_run: bool, rebuilt: list[str] | None = None
+    storage: Storage,
+    meterset: MeterSet,
+    first_run: bool,
+    rebuilt: list[str] | None = None,
+    recomputed: set[str] | None = None,
+    events_changed: bool = False,
 ) -> dict:
-    """Record which meter definitions built the tables; report meters whose history is stale."""
+    """Record which meter definitions built the tables; report meters whose history is stale.
+
+    `_state/meters.json` holds, per meter, the fingerprint of the one definition that built all its tables.
+    A stale meter that is `recomputed` (by a run or a partial backfill) gets tables from two definitions:
+    it is recorded as MIXED, so going back to the old definition does not make it look current. A meter
+    absent from the meters file misses the events stored meanwhile (`events_changed`): its record is dropped,
+    so adding it back reports it as new.
+    """
     stored = state.read_fingerprints(storage)
     current = meterset.fingerprints()
     changed = False
     for slug, fp in current.items():
-        if stored.get(slug) != fp and (first_run or (rebuilt is not None and slug in rebuilt)):
+        if stored.get(slug) == fp:
+            continue
+        if first_run or (rebuilt is not None and slug in rebuilt):
             stored[slug] = fp
+            changed = True
+        elif slug in stored and slug in (recomputed or ()) and stored[slug] != MIXED:
+            stored[slug] = MIXED
+            changed = True
+    if events_changed:
+        for slug in [s for s in stored if s not in current]:
+            del stored[slug]
             changed = True
     if changed:
         state.write_fingerprints(storage, stored)
@@ -602,11 +630,15 @@ def backfill(
         state.write_pending(storage, state.Pending(run_id=run_id, touched=merge_touched(touched, redo)))
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
+        recomputing = {m.slug for m in selected.meters} | {m.slug for m in meterset.meters if m.event_type in redo}
+        update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=reingest_landing)
         if progress:
             progress(0, 1, "days")
         summary = recompute_all(storage, selected, touched, runner, progress)
         if redo:
             summary.update(recompute_all(storage, meterset, redo, runner))
+        utc = (dt.datetime.combine(d, dt.time(), dt.UTC) for d in (start, end))
+        storage.delete(recompute.orphan_periods(storage, selected.meters, meterset.billing, *utc))
         if progress:
             progress(1, 1, "done")
         all_dates = sorted(event_files_by_date(storage))

@@ -352,6 +352,32 @@ def _stored_partials(storage: Storage, files: list[str], meters: list[Meter], wi
     return storage.scan_parquet(files).filter(pl.col("meter").is_in(slugs) & wanted).collect()
 
 
+def orphan_periods(
+    storage: Storage, meters: list[Meter], billing: Billing, start: dt.datetime, end: dt.datetime
+) -> list[str]:
+    """Period partitions that no period of the current billing block starts at and whose windows overlap
+    [start, end): left by an earlier billing block (another anchor, zone or period length). A backfill of
+    that range rebuilds its periods under the current block, so these would count the same events twice."""
+    out = []
+    for meter in meters:
+        for name in storage.list_dirs(f"usage/{meter.slug}/period"):
+            key = name.removeprefix("period_start=")
+            try:
+                day = dt.date.fromisoformat(key)
+            except ValueError:
+                continue
+            if period_dates(day, billing.period, billing.anchor_day)[0] == day:
+                continue  # a current period: rebuilt (or deleted when empty) by the recompute itself
+            path = period_file(meter.slug, key)
+            if not storage.exists(path):
+                continue
+            bounds = storage.read_parquet([path]).select(pl.col("window_start").min(), pl.col("window_end").max())
+            first, after = bounds.row(0)
+            if first is None or (first < end and after > start):
+                out.append(path)
+    return out
+
+
 # --- publishing ------------------------------------------------------------------------------------
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame:
     frames = [f for f in frames if f.height]

@@ -1,0 +1,154 @@
+"""A meter reported current (not stale) has tables that equal a from-scratch run under its definition.
+
+`_state/meters.json` must not claim a definition built a meter's tables when another definition (or no
+definition at all) built part of them: a meter removed and added back, a definition changed and changed
+back, a billing block changed and fully backfilled, a first run killed right after its commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pytest
+
+from flows import pipeline
+from meters import MeterSet
+
+from reference import assert_tables_match
+from support import all_tables, event, jsonl, land, local_root, meterset, run
+
+BOTH = meterset(
+    """
+meters:
+  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v}
+  - {slug: prompts, eventType: prompt, aggregation: COUNT}
+"""
+)
+ONLY_PROMPTS = meterset("meters:\n  - {slug: prompts, eventType: prompt, aggregation: COUNT}\n")
+TOKENS_MAX = meterset(
+    """
+meters:
+  - {slug: tokens, eventType: prompt, aggregation: MAX, valueProperty: $.v}
+  - {slug: prompts, eventType: prompt, aggregation: COUNT}
+"""
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+def _ev(i: int, day: int) -> dict:
+    return event(f"e{i}", f"2024-01-{day:02d}T10:00:00Z", data={"v": i})
+
+
+BATCHES = [
+    ("1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)])),
+    ("2.jsonl", jsonl([_ev(3, 3), _ev(4, 5)])),  # lands while the middle definition is in use
+    ("3.jsonl", jsonl([_ev(5, 6)])),
+]
+
+
+def _from_scratch(tmp_path: Path, meters: MeterSet) -> dict:
+    root = local_root(tmp_path, "scratch")
+    for i, (name, content) in enumerate(BATCHES):
+        land(root, name, content, mtime=1_700_000_000 + 10 * i)
+    run(root, meters)
+    return all_tables(root, meters)
+
+
+def _backfill(storage, meters: MeterSet, start: str = "2024-01-01", end: str = "2024-02-01", **kw) -> dict:
+    s, e = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    return pipeline.backfill(storage, meters, s, e, log=lambda _: None, **kw)
+
+
+def _differs(got: dict, expected: dict) -> list[str]:
+    bad = []
+    for key, table in expected.items():
+        try:
+            assert_tables_match(got[key], table, key)
+        except AssertionError:
+            bad.append(key)
+    return bad
+
+
+@pytest.mark.parametrize("middle", ["removed", "changed"])
+def test_going_back_to_a_definition_after_a_detour_reports_the_meter_stale(tmp_path: Path, middle: str) -> None:
+    """tokens is removed (or made a MAX) for one run that stores events, then restored: the events stored
+    meanwhile are missing from its tables (or counted with MAX), so it is stale until a backfill."""
+    storage = local_root(tmp_path)
+    mid = ONLY_PROMPTS if middle == "removed" else TOKENS_MAX
+    for i, ((name, content), meters) in enumerate(zip(BATCHES, [BOTH, mid, BOTH], strict=True)):
+        land(storage, name, content, mtime=1_700_000_000 + 10 * i)
+        summary = run(storage, meters)
+    expected = _from_scratch(tmp_path, BOTH)
+    wrong = _differs(all_tables(storage, BOTH), expected)
+    assert wrong, "the detour should have left tables that differ from a from-scratch run"
+    assert summary["stale_meters"] == ["tokens"], f"tokens/{wrong} are wrong but reported current"
+    full = _backfill(storage, BOTH, slugs=["tokens"])
+    assert full["stale_meters"] == []
+    assert not _differs(all_tables(storage, BOTH), expected)
+
+
+def test_a_stale_meter_partly_backfilled_stays_stale_after_going_back(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    for i, (name, content) in enumerate(BATCHES):
+        land(storage, name, content, mtime=1_700_000_000 + 10 * i)
+    run(storage, BOTH)
+    _backfill(storage, TOKENS_MAX, "2024-01-05", "2024-01-06", slugs=["tokens"])  # day 5 hourly now MAX
+    assert run(storage, BOTH)["stale_meters"] == ["tokens"]
+
+
+def test_a_billing_change_fully_backfilled_leaves_no_period_of_the_old_billing(tmp_path: Path) -> None:
+    meters = "meters:\n  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v}\n"
+    old = meterset("billing: {period: MONTH, anchor_day: 1}\n" + meters)
+    new = meterset("billing: {period: MONTH, anchor_day: 15}\n" + meters)
+    events = [event(f"e{i}", f"2024-0{1 + i % 3}-{1 + i % 27:02d}T10:00:00Z", data={"v": i}) for i in range(30)]
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl(events), mtime=1_700_000_000)
+    run(storage, old)
+    assert run(storage, new)["stale_meters"] == ["tokens"]
+    full = _backfill(storage, new, "2024-01-01", "2024-04-01")
+    assert full["stale_meters"] == []
+    scratch = local_root(tmp_path, "scratch")
+    land(scratch, "a.jsonl", jsonl(events), mtime=1_700_000_000)
+    run(scratch, new)
+    assert storage.list_dirs("usage/tokens/period") == scratch.list_dirs("usage/tokens/period")
+    assert not _differs(all_tables(storage, new), all_tables(scratch, new))
+
+
+def test_a_billing_change_backfilled_in_part_drops_only_old_periods_overlapping_the_range(tmp_path: Path) -> None:
+    meters = "meters:\n  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v}\n"
+    old = meterset("billing: {period: WEEK}\n" + meters)
+    new = meterset("billing: {period: MONTH, anchor_day: 15}\n" + meters)
+    events = [event(f"e{i}", f"2024-0{1 + i % 3}-{1 + i % 27:02d}T10:00:00Z", data={"v": i}) for i in range(30)]
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl(events), mtime=1_700_000_000)
+    run(storage, old)
+    weeks = storage.list_dirs("usage/tokens/period")
+    _backfill(storage, new, "2024-02-01", "2024-02-10")
+    left = set(storage.list_dirs("usage/tokens/period"))
+    # ISO weeks overlapping Feb 1..9 (from Jan 29 to Feb 5) are gone; the others stay, stale, until backfilled
+    assert {w for w in weeks if w not in left} == {"period_start=2024-01-29", "period_start=2024-02-05"}
+    assert "period_start=2024-01-15" in left
+
+
+def test_a_first_run_killed_after_its_commit_still_records_its_definitions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = local_root(tmp_path)
+    land(storage, BATCHES[0][0], BATCHES[0][1], mtime=1_700_000_000)
+    real = pipeline.state.commit_manifest
+
+    def killed_after(*args) -> None:  # the commit point is written, then the process dies
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.state, "commit_manifest", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        run(storage, BOTH)
+    monkeypatch.setattr(pipeline.state, "commit_manifest", real)
+    assert run(storage, BOTH)["stale_meters"] == [], "nothing changed, yet every meter is reported stale"
