@@ -257,15 +257,7 @@ def _ingest_chunk(
 ) -> list[dict]:
     new, quarantine, rows, unchanged = read_batches(storage, batches, known)
     kept, dups = dedupe_against_store(storage, new)
-    if not dups.is_empty():
-        dup_rows = dups.with_columns(
-            stage=pl.lit("dedupe"),
-            reason=pl.lit("duplicate"),
-            message=pl.lit("same (source, id) on the same UTC date as ") + pl.col("_dup"),
-            event_id=pl.col("id"),
-            raw=_envelope_json(dups),
-        )
-        quarantine = pl.concat([quarantine, conform(dup_rows, QUARANTINE)])
+    quarantine = with_duplicates(quarantine, dups)
     kept = conform(kept, EVENT)
     q_batches = sorted(set(quarantine["batch"].to_list()))
     files = [event_file(d, name) for d in sorted(set(kept["date"].to_list()))]
@@ -283,6 +275,20 @@ def _ingest_chunk(
     total.duplicates += dups.height
     total.stored += kept.height
     return rows
+
+
+def with_duplicates(quarantine: pl.DataFrame, dups: pl.DataFrame) -> pl.DataFrame:
+    """The quarantine rows of a chunk plus one `dedupe` row per dropped copy."""
+    if dups.is_empty():
+        return quarantine
+    dup_rows = dups.with_columns(
+        stage=pl.lit("dedupe"),
+        reason=pl.lit("duplicate"),
+        message=pl.lit("same (source, id) on the same UTC date as ") + pl.col("_dup"),
+        event_id=pl.col("id"),
+        raw=_envelope_json(dups),
+    )
+    return pl.concat([quarantine, conform(dup_rows, QUARANTINE)])
 
 
 def records_read(valid: pl.DataFrame, quarantine: pl.DataFrame) -> int:
@@ -559,19 +565,31 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
 
     New event files are written first, then the manifest commits the run, then old files are deleted
     (the pending record lists them, so a crash in between is finished by the next run).
+
+    A batch no run has processed yet (landed since, or re-landed with new content) is recorded in the
+    manifest here, so its events outside the range are stored here too, deduplicated against the store as
+    an hourly run would: the next run will not read it again.
     """
+    unprocessed = {f.path for f in find_new_batches(storage)}
     batches = sorted(storage.list_files(LANDING, BATCH_SUFFIXES), key=lambda f: (f.mtime, f.path))
     new, quarantine, rows, _ = read_batches(storage, batches, set())
-    in_range = set(_days(start, end))
-    kept, dups = dedupe(new.filter(pl.col("date").is_in(sorted(in_range))))
-    kept = conform(kept, EVENT)
+    in_range = pl.col("date").is_in(_days(start, end))
+    # Deduplicated over every date (the key holds the date, so the kept rows in range are the same): the
+    # quarantine files are rewritten whole, one per batch, and must keep every batch's dropped copies.
+    kept_all, dups = dedupe(new)
+    outside, dups_outside = dedupe_against_store(
+        storage, kept_all.filter(~in_range & pl.col("file").is_in(sorted(unprocessed)))
+    )
+    dups = pl.concat([dups, dups_outside]) if dups_outside.height else dups
+    quarantine = with_duplicates(quarantine, dups)
+    kept = conform(pl.concat([kept_all.filter(in_range), outside]), EVENT)
     by_date = event_files_by_date(storage)
-    old = [p for d in sorted(in_range) for p in by_date.get(d, [])]
+    old = [p for d in _days(start, end) for p in by_date.get(d, [])]
     dates = sorted(set(kept["date"].to_list()))
     files = [event_file(d, run_id) for d in dates]
     touched = merge_touched(
         touched_by(kept, billing),
-        {t: {"dates": sorted(in_range), "local_dates": []} for t in set(new["type"].to_list())},
+        {t: {"dates": _days(start, end), "local_dates": []} for t in set(new["type"].to_list())},
     )
     state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=touched, deletes=old))
     write_events(storage, kept, run_id)
@@ -579,12 +597,12 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_date(run_id))))
     state.commit_manifest(storage, run_id, [{**r, "run_id": run_id} for r in rows])
     storage.delete(old)
-    reasons = Counter(quarantine["reason"].to_list())
+    reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     return IngestResult(
         batches=len(batches),
-        records=records_read(new, quarantine),
+        records=records_read(new, quarantine) - dups.height,  # the duplicates are in both
         valid=new.height,
-        duplicates=dups.height,
+        duplicates=dups.filter(in_range).height + dups_outside.height,
         stored=kept.height,
         quarantined=dict(sorted(reasons.items())),
         touched=touched,
@@ -623,10 +641,14 @@ def backfill(
         result = IngestResult()
         if reingest_landing:
             result = runner.step("reingest", reingest, storage, run_id, meterset.billing, start, end)
+            # re-read events move every meter of their types, not only the selected ones
+            selected = meterset
         dates = _days(start, end)
         # local dates of the range, widened by a day either side so every overlapping period is rebuilt
         local = _days(start - dt.timedelta(days=1), end + dt.timedelta(days=1))
         touched = {m.event_type: {"dates": dates, "local_dates": local} for m in selected.meters}
+        if reingest_landing:  # and the dates outside the range where batches no run had read added events
+            touched = merge_touched(touched, result.touched)
         state.write_pending(storage, state.Pending(run_id=run_id, touched=merge_touched(touched, redo)))
         for pending in stale:
             state.clear_pending(storage, pending.run_id)

@@ -1,0 +1,104 @@
+"""`backfill --reingest` keeps every table, events/ and quarantine equal to a from-scratch run.
+
+It rebuilds events/ for a range from the landed batches, so it must not lose the events of a batch
+landed since the last run, must move every meter whose events it re-read (not only the `--meter` ones),
+and must keep the dropped copies in quarantine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows import pipeline
+from flows.storage import Storage
+
+from reference import assert_tables_match
+from support import all_tables, event, jsonl, land, local_root, meterset, run
+
+METERS = meterset(
+    """
+meters:
+  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v}
+  - {slug: prompts, eventType: prompt, aggregation: COUNT}
+"""
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+def _ev(i: int, day: int) -> dict:
+    return event(f"e{i}", f"2024-01-{day:02d}T10:00:00Z", data={"v": i})
+
+
+def _reingest(storage: Storage, start: str, end: str, **kw) -> dict:
+    s, e = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    return pipeline.backfill(storage, METERS, s, e, reingest_landing=True, log=lambda _: None, **kw)
+
+
+def _ids(storage: Storage) -> list[str]:
+    files = [f.path for f in storage.list_files("events", (".parquet",))]
+    return sorted(storage.scan_parquet(files).collect()["id"].to_list())
+
+
+def _quarantine(storage: Storage) -> list[tuple]:
+    files = [f.path for f in storage.list_files("quarantine/records", (".parquet",))]
+    return sorted(storage.read_parquet(files).select("stage", "reason", "file", "line").rows()) if files else []
+
+
+def _scratch(tmp_path: Path, batches: list[tuple[str, bytes]]) -> Storage:
+    root = local_root(tmp_path, "scratch")
+    for i, (name, content) in enumerate(batches):
+        land(root, name, content, mtime=1_700_000_000 + 10 * i)
+    run(root, METERS)
+    return root
+
+
+def test_a_batch_landed_since_the_last_run_keeps_its_events_outside_the_range(tmp_path: Path) -> None:
+    batches = [("1.jsonl", jsonl([_ev(1, 3)])), ("2.jsonl", jsonl([_ev(2, 3), _ev(3, 20)]))]
+    storage = local_root(tmp_path)
+    land(storage, *batches[0], mtime=1_700_000_000)
+    run(storage, METERS)
+    land(storage, *batches[1], mtime=1_700_000_010)  # not run yet; one event inside the range, one after it
+    _reingest(storage, "2024-01-01", "2024-01-10")
+    run(storage, METERS)
+    scratch = _scratch(tmp_path, batches)
+    assert _ids(storage) == _ids(scratch) == ["e1", "e2", "e3"]
+    for key, table in all_tables(scratch, METERS).items():
+        assert_tables_match(all_tables(storage, METERS)[key], table, key)
+    assert _quarantine(storage) == _quarantine(scratch)
+
+
+def test_reingest_for_one_meter_moves_every_meter_of_the_events_it_changed(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)]), mtime=1_700_000_000)
+    run(storage, METERS)
+    land(storage, "1.jsonl", jsonl([_ev(7, 3)]), mtime=1_700_000_010)  # re-landed: e1 and e2 leave landing/
+    run(storage, METERS)
+    _reingest(storage, "2024-01-01", "2024-02-01", slugs=["tokens"])
+    assert _ids(storage) == ["e7"]
+    tables = all_tables(storage, METERS)
+    assert tables["tokens/period"]["value"].to_list() == [7.0]
+    assert tables["prompts/period"]["value"].to_list() == [1.0], "prompts still counts events no longer stored"
+    assert tables["prompts/hourly"].select(pl.col("value").sum()).item() == 1.0
+
+
+def test_reingest_keeps_the_dropped_copies_in_quarantine(tmp_path: Path) -> None:
+    batches = [
+        ("1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)])),
+        ("2.jsonl", jsonl([_ev(1, 3), _ev(5, 20), "not json"])),  # a copy of e1 and a rejected line
+    ]
+    storage = _scratch(tmp_path, batches)
+    before = _quarantine(storage)
+    assert ("dedupe", "duplicate", "landing/2.jsonl", 1) in before
+    _reingest(storage, "2024-01-01", "2024-02-01")
+    assert _quarantine(storage) == before
+    _reingest(storage, "2024-01-10", "2024-01-25")  # a range without the copy's date
+    assert _quarantine(storage) == before
