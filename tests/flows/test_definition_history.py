@@ -38,7 +38,8 @@ meters:
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability against power loss is not tested here
+    monkeypatch.setattr(os, "sync", lambda: None)
 
 
 def _ev(i: int, day: int) -> dict:
