@@ -368,6 +368,34 @@ def test_kill_during_reingest_backfill(killer: Killer, tmp_path: Path) -> None:
     assert seen == {"old", "new"}, "kill points should fall both before and after the re-ingest commits"
 
 
+def test_kill_during_backfill_then_restart_and_land_more(
+    killer: Killer, bases: dict[str, Path], tmp_path: Path
+) -> None:
+    """A backfill (events/ unchanged) killed anywhere; then a run, a newly landed batch and another run: the
+    same as never having backfilled."""
+    more = [event(f"m{i}", f"2024-01-31T2{i}:30:00.5-05:00", data={"tokens": i, "model": "m0"}) for i in range(4)]
+    extra = [("more/m.jsonl", jsonl([*more, event("b5", "2024-02-01T05:00:00Z", data={"tokens": "5"})]))]
+    expected_root = clone(bases["committed"], tmp_path / "expected")
+    quiet_run(expected_root)
+    land_all(expected_root, extra, 1_700_000_500)
+    quiet_run(expected_root)
+    expected = snapshot(expected_root)
+    window = (dt.date(2024, 1, 1), dt.date(2024, 2, 10))
+    clone(bases["committed"], tmp_path / "probe")
+    total = killer.attempt(tmp_path / "probe", 0, op="backfill", range_=window)["calls"]
+    for n in kill_points(total, 5):
+        root = tmp_path / f"kill-{n}"
+        storage = clone(bases["committed"], root)
+        result = killer.attempt(root, n, op="backfill", range_=window)
+        assert result["signal"] == 9, f"call {n} of {total} did not kill the backfill: {result}"
+        assert_published_files_readable(storage)
+        quiet_run(storage)
+        land_all(storage, extra, 1_700_000_500)
+        quiet_run(storage)
+        assert_recovered(storage, expected, f"backfill killed at call {n}/{total}")
+        shutil.rmtree(root)
+
+
 # --- the lock --------------------------------------------------------------------------------------------------
 def test_expired_lock_is_taken_over(bases: dict[str, Path], tmp_path: Path) -> None:
     storage = clone(bases["landed"], tmp_path / "root")
