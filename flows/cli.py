@@ -246,12 +246,40 @@ def serve(
 
     from flows.prefect_flows import backfill_flow, hourly_flow
 
+    _refuse_work_pool_deployments(["meterlake-hourly/hourly", "meterlake-backfill/backfill"])
     one = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     params = {"root": root, "meters": os.path.abspath(meters)}
     prefect_serve(
         hourly_flow.to_deployment(name="hourly", cron=cron, parameters=params, concurrency_limit=one),
         backfill_flow.to_deployment(name="backfill", parameters=params, concurrency_limit=one),
     )
+
+
+def _refuse_work_pool_deployments(names: list[str]) -> None:
+    """One line, exit 2, when `prefect deploy` (prefect.yaml) already made one of these deployments on the server.
+
+    `serve` would update it in place and keep what only a worker can use (its work pool): Prefect 3.9 refuses
+    the update (422, a schedule without prefect.yaml's slug), and with a slug the served runs crash looking for
+    flow code "at None". Checked only against a configured server (a temporary one holds no such deployment).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        return
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name:
+                fail(
+                    f"deployment {name!r} already exists on this Prefect server for work pool "
+                    f"{deployment.work_pool_name!r} (prefect.yaml); serve cannot take it over: run a worker "
+                    f"instead, or delete it first (prefect deployment delete '{name}')"
+                )
 
 
 # --- operator commands: query, preview, quarantine, status, report ---------------------------------------

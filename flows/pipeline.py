@@ -628,7 +628,9 @@ def backfill(
     Idempotent: a second identical backfill rewrites the same partitions with the same rows.
     """
     if end <= start:
-        raise ValueError(f"--to ({end}) must be after --from ({start})")
+        # the command line checks its --from/--to itself; this is what the Python API and a deployment run
+        # (parameters `start` and `end`) report
+        raise ValueError(f"the backfill's end ({end}) must be after its start ({start})")
     if start < FIRST_EVENT_DAY or end > END_EVENT_DAY:  # also for a deployment run, unchecked by the command line
         raise ValueError(f"a backfill lies within {FIRST_EVENT_DAY}..{END_EVENT_DAY}, the years event times can hold")
     started = time.perf_counter()

@@ -227,6 +227,9 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     scheduled = flow_run.scheduled_start_time
     logger.info("meterlake hourly run (scheduled for %s) on %s", scheduled, root)
     storage = Storage(root)
+    # A deployment run does not pass through the command line's check: a mistyped root must fail the run,
+    # not create an empty folder and report a Completed run with nothing in it every hour.
+    storage.check_root()
     summary = pipeline.run(storage, load_meters(meters), runner=PREFECT, log=logger.info, now=scheduled)
     _artifacts(summary)
     _top_tables(storage, summary)

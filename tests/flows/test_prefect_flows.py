@@ -87,6 +87,27 @@ def test_backfill_flow_is_idempotent(tmp_path: Path) -> None:
         assert table(storage, "tokens_total", "hourly").equals(before)
 
 
+@pytest.mark.usefixtures("prefect_harness")
+def test_hourly_flow_refuses_a_missing_root_as_the_command_line_does(tmp_path: Path) -> None:
+    from flows.prefect_flows import hourly_flow
+    from flows.storage import StorageError
+
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(METERS)
+    missing = tmp_path / "typo"
+    with pytest.raises(StorageError, match="does not exist"):
+        hourly_flow(root=str(missing), meters=str(meters_file))
+    assert not missing.exists()
+
+
+def test_backfill_range_mistake_names_the_deployment_parameters(tmp_path: Path) -> None:
+    import datetime as dt
+
+    storage = Storage(str(tmp_path / "root"))
+    with pytest.raises(ValueError, match=r"^the backfill's end \(2024-01-01\) must be after its start \(2024-03-01\)$"):
+        pipeline.backfill(storage, meterset(METERS), dt.date(2024, 3, 1), dt.date(2024, 1, 1), log=lambda _: None)
+
+
 def test_prefect_yaml_points_at_real_flows() -> None:
     spec = yaml.safe_load(Path(__file__).parents[2].joinpath("prefect.yaml").read_text())
     names = {d["name"]: d for d in spec["deployments"]}

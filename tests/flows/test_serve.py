@@ -165,3 +165,36 @@ def test_serve_registers_both_deployments_and_executes_a_run(
         assert serve.poll() is None, f"meterlake serve exited with {serve.returncode}\n{tail(log)}"
     finally:
         stop(serve, ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+
+
+def test_prefect_yaml_deploys_and_serve_refuses_to_take_its_deployments_over(
+    tmp_path: Path, prefect_server: tuple[str, Path, subprocess.Popen, Path]
+) -> None:
+    """prefect.yaml's header commands against a real server, then `meterlake serve` on the same server.
+
+    serve would update the worker's deployments in place: Prefect refused that with a 422 ("provide a slug for
+    each schedule") and a traceback-free but unexplained exit 1; it must say what to do, one line, exit 2.
+    """
+    url, home, _, _ = prefect_server
+    env = {**base_env(home, url), "METERLAKE_DIR": str(REPO)}
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+
+    for cmd in (("work-pool", "create", "meterlake", "--type", "process"), ("--no-prompt", "deploy", "--all")):
+        done = run(executable("prefect"), *cmd)
+        assert done.returncode == 0, done.stdout + done.stderr
+    with httpx.Client(base_url=url, timeout=10) as api:
+        for name in ("meterlake-hourly/hourly", "meterlake-backfill/backfill"):
+            dep = api.get(f"/deployments/name/{name}").json()
+            assert dep["work_pool_name"] == "meterlake", name
+            assert dep["global_concurrency_limit"]["limit"] == 1, name
+            assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
+
+    root = tmp_path / "root"
+    root.mkdir()
+    done = run(executable("meterlake"), "serve", "--root", str(root), "--meters", "data/meters.yaml")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and "'meterlake-hourly/hourly'" in lines[0], lines
+    assert "prefect deployment delete 'meterlake-hourly/hourly'" in lines[0]
