@@ -366,16 +366,18 @@ def run(
     log: Callable[[str], None] = print,
     lock_ttl: int = LOCK_TTL,
     now: dt.datetime | None = None,
+    lock_wait: float = 0,
 ) -> dict:
     """One hourly run: ingest what is new, recompute what it touched, publish, commit.
 
     What it processes is decided by the manifest, never by the clock; `now` (a flow passes its scheduled
-    start time) only names the run.
+    start time) only names the run. `lock_wait`: seconds to wait while another run holds the lock (0, the
+    command line's choice: fail at once).
     """
     started = time.perf_counter()
     run_id = state.new_run_id(now)
     storage.check_root(create=not storage.is_s3)
-    state.acquire_lock(storage, run_id, lock_ttl)
+    state.wait_for_lock(storage, run_id, lock_ttl, lock_wait, log)
     try:
         redo, stale = runner.step("recover", recover, storage)
         batches = runner.step("find-new-batches", find_new_batches, storage)
@@ -622,10 +624,12 @@ def backfill(
     log: Callable[[str], None] = print,
     progress: Callable[[int, int, str], None] | None = None,
     lock_ttl: int = LOCK_TTL,
+    lock_wait: float = 0,
 ) -> dict:
     """Recompute the tables of the selected meters for [start, end) from events/ (or re-read landing/).
 
-    Idempotent: a second identical backfill rewrites the same partitions with the same rows.
+    Idempotent: a second identical backfill rewrites the same partitions with the same rows. `lock_wait`: as
+    for `run`.
     """
     if end <= start:
         # the command line checks its --from/--to itself; this is what the Python API and a deployment run
@@ -637,7 +641,7 @@ def backfill(
     selected = meterset.select(slugs)
     run_id = state.new_run_id()
     storage.check_root()
-    state.acquire_lock(storage, run_id, lock_ttl)
+    state.wait_for_lock(storage, run_id, lock_ttl, lock_wait, log)
     try:
         redo, stale = runner.step("recover", recover, storage)
         result = IngestResult()

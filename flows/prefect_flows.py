@@ -38,6 +38,9 @@ from flows.storage import Storage
 from meters import MeterSet, load_meters_file, parse_meters
 
 RETRY_DELAYS = [1, 5, 15]
+# A deployment run that finds the lock held (an hourly run firing during a backfill: each deployment has its
+# own concurrency limit) waits this long for it before it fails; the command line passes 0 and fails at once.
+LOCK_WAIT_SECONDS = 3000
 # Prefect waits 20 s by default for its temporary server; a first start (new PREFECT_HOME, database
 # migrations) took 20-30 s on a busy 2-core machine, so a run started from the command line waits longer.
 TEMPORARY_SERVER_STARTUP_TIMEOUT = 120
@@ -217,7 +220,9 @@ THREADS = ThreadPoolTaskRunner(max_workers=2)
 
 
 @flow(name="meterlake-hourly", log_prints=False, task_runner=THREADS)
-def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
+def hourly_flow(
+    root: str = "data", meters: str = "data/meters.yaml", lock_wait_seconds: int = LOCK_WAIT_SECONDS
+) -> dict:
     """Ingest what landed since the last run and republish the windows it touched.
 
     Uses no wall-clock time for what it processes: the manifest decides, so a delayed or retried
@@ -230,7 +235,9 @@ def hourly_flow(root: str = "data", meters: str = "data/meters.yaml") -> dict:
     # A deployment run does not pass through the command line's check: a mistyped root must fail the run,
     # not create an empty folder and report a Completed run with nothing in it every hour.
     storage.check_root()
-    summary = pipeline.run(storage, load_meters(meters), runner=PREFECT, log=logger.info, now=scheduled)
+    summary = pipeline.run(
+        storage, load_meters(meters), runner=PREFECT, log=logger.info, now=scheduled, lock_wait=lock_wait_seconds
+    )
     _artifacts(summary)
     _top_tables(storage, summary)
     return summary
@@ -244,6 +251,7 @@ def backfill_flow(
     meters: str = "data/meters.yaml",
     meter: list[str] | None = None,
     reingest: bool = False,
+    lock_wait_seconds: int = LOCK_WAIT_SECONDS,
 ) -> dict:
     """Recompute [start, end) for all meters or the named ones, from events/ or by re-reading landing/."""
     logger = get_run_logger()
@@ -263,6 +271,7 @@ def backfill_flow(
         runner=PREFECT,
         log=logger.info,
         progress=progress,
+        lock_wait=lock_wait_seconds,
     )
     _artifacts(summary)
     return summary
@@ -273,11 +282,11 @@ def run_hourly(root: str, meters: str, dask_address: str | None = None, workers:
     runner = task_runner(dask_address, workers)
     flow_fn = hourly_flow if runner is None else hourly_flow.with_options(task_runner=runner)
     with command_line_settings():
-        return flow_fn(root=root, meters=meters)
+        return flow_fn(root=root, meters=meters, lock_wait_seconds=0)
 
 
 def run_backfill(dask_address: str | None = None, workers: int | None = None, **params: Any) -> dict:
     runner = task_runner(dask_address, workers)
     flow_fn = backfill_flow if runner is None else backfill_flow.with_options(task_runner=runner)
     with command_line_settings():
-        return flow_fn(**params)
+        return flow_fn(lock_wait_seconds=0, **params)

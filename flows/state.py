@@ -13,7 +13,9 @@ import datetime as dt
 import json
 import os
 import socket
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
@@ -35,6 +37,7 @@ MANIFEST_SCHEMA = {
     "run_id": pl.String,
 }
 COMPACT_AFTER = 64  # manifest files; merged into one so reading state stays cheap
+LOCK_POLL_SECONDS = 15.0  # how often a run that waits for the lock looks again
 
 
 class LockHeld(RuntimeError):
@@ -170,6 +173,37 @@ def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.dateti
             )
         storage.delete([LOCK])  # expired: a crashed run's lock
     raise LockHeld("could not take the run lock (another run is starting); try again")
+
+
+def wait_for_lock(
+    storage: Storage,
+    run_id: str,
+    ttl_seconds: int,
+    wait_seconds: float,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """`acquire_lock`, looking again every LOCK_POLL_SECONDS for up to `wait_seconds` while another run holds it.
+
+    A scheduled run that fires during a backfill (each deployment has its own concurrency limit) waits for it
+    instead of failing. A damaged lock is never waited for: no run will release it.
+    """
+    deadline = time.monotonic() + wait_seconds
+    told = False
+    while True:
+        try:
+            acquire_lock(storage, run_id, ttl_seconds)
+            return
+        except LockUnreadable:
+            raise
+        except LockHeld as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if not told:
+                log(f"waiting up to {wait_seconds:.0f} s for the run lock: {exc}")
+                told = True
+            sleep(min(LOCK_POLL_SECONDS, left))
 
 
 def refresh_lock(storage: Storage, run_id: str, ttl_seconds: int) -> None:

@@ -4,7 +4,7 @@ This package imports nothing else of meterlake's, so it can be used on its own t
 """
 
 from meters.load import MeterConfigError, Problem, load_meters, load_meters_file, parse_meters
-from meters.model import AGGREGATIONS, Billing, Meter, MeterSet
+from meters.model import AGGREGATIONS, Billing, Meter, MeterSet, UnknownMeter
 
 __all__ = [
     "AGGREGATIONS",
@@ -13,6 +13,7 @@ __all__ = [
     "MeterConfigError",
     "MeterSet",
     "Problem",
+    "UnknownMeter",
     "load_meters",
     "load_meters_file",
     "parse_meters",

@@ -42,6 +42,14 @@ class Meter:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class UnknownMeter(KeyError):
+    """A slug the meters file does not define. A KeyError for callers that catch one; its text is the plain
+    message (a bare KeyError prints its argument quoted, as a deployment run's failure shows it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 @dataclass(frozen=True)
 class MeterSet:
     billing: Billing
@@ -52,7 +60,7 @@ class MeterSet:
             if meter.slug == slug:
                 return meter
         known = ", ".join(m.slug for m in self.meters) or "none"
-        raise KeyError(f"unknown meter {slug!r} (known: {known})")
+        raise UnknownMeter(f"unknown meter {slug!r} (known: {known})")
 
     def select(self, slugs: list[str] | None) -> MeterSet:
         if not slugs:

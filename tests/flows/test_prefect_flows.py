@@ -100,6 +100,34 @@ def test_hourly_flow_refuses_a_missing_root_as_the_command_line_does(tmp_path: P
     assert not missing.exists()
 
 
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_hourly_flow_run_during_a_backfill_waits_for_its_lock(tmp_path: Path, monkeypatch) -> None:
+    """Each deployment has its own concurrency limit, so a scheduled hourly run can fire while a backfill holds
+    the lock: it waits for it (and then does its work) instead of failing."""
+    import threading
+
+    from flows import state
+    from flows.prefect_flows import LOCK_WAIT_SECONDS, hourly_flow, run_hourly
+
+    assert LOCK_WAIT_SECONDS >= 1800  # a backfill can take a while; the default must outlast a short one
+    monkeypatch.setattr(state, "LOCK_POLL_SECONDS", 0.2)
+    storage = Storage(str(tmp_path / "root"))
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(METERS)
+    _land_sample(storage)
+    state.acquire_lock(storage, "a-backfill", ttl_seconds=3600)
+    with pytest.raises(state.LockHeld, match="a-backfill"):  # the command line's flow run fails at once
+        run_hourly(root=storage.root, meters=str(meters_file))
+    releaser = threading.Timer(1.5, state.release_lock, args=(storage, "a-backfill"))
+    releaser.start()
+    try:
+        summary = hourly_flow(root=storage.root, meters=str(meters_file))  # a deployment run: the default wait
+    finally:
+        releaser.cancel()
+    assert summary["events_stored"] == 3
+    assert not storage.exists(state.LOCK)
+
+
 def test_backfill_range_mistake_names_the_deployment_parameters(tmp_path: Path) -> None:
     import datetime as dt
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import yaml
 
-from meters import Billing, MeterConfigError, Problem, load_meters_file, parse_meters
+from meters import Billing, MeterConfigError, Problem, UnknownMeter, load_meters_file, parse_meters
 
 # ---------------------------------------------------------------------------------------------------
 # The user's own examples (seeds/openmeter-common-examples.txt), written out as complete meters files.
@@ -708,3 +708,12 @@ def test_group_by_keys_that_yaml_reads_as_other_types_keep_their_lines() -> None
       1.50: $..d
 """
     assert sorted(p.line for p in problems_of(text)) == [7, 8, 8]  # 1.50: a bad key and a bad path
+
+
+def test_an_unknown_slug_reads_as_one_plain_line() -> None:
+    """A deployment run shows the exception's text: a bare KeyError would print it in quotes."""
+    meterset = parse_meters("meters:\n  - {slug: tokens, eventType: t, aggregation: COUNT}\n")
+    with pytest.raises(KeyError) as info:
+        meterset.get("tokenz")
+    assert str(info.value) == "unknown meter 'tokenz' (known: tokens)"
+    assert isinstance(info.value, UnknownMeter)
