@@ -76,6 +76,9 @@ def _check_root(root: str) -> None:
         raise RootError(f"storage root {root!r} names no bucket: use s3://bucket/prefix")
     if not _BUCKET.fullmatch(bucket):
         raise RootError(f"storage root {root!r}: {bucket!r} is not a valid bucket name")
+    prefix = root[len("s3://") + len(bucket) + 1 :].rstrip("/")
+    if "//" in prefix or prefix.startswith("/"):  # an empty key segment: Polars' reader refuses such paths
+        raise RootError(f"storage root {root!r} has an empty folder name ('//'); use s3://bucket/prefix/sub")
 
 
 def _check_endpoint(endpoint: str) -> None:
@@ -270,8 +273,10 @@ class Storage:
         return self.s3.s3fs_options() if self.is_s3 else {}
 
     def _rel(self, full: str) -> str:
-        full = full.replace("\\", "/")
-        base = self.base.replace("\\", "/")
+        if os.sep != "/":  # on POSIX a backslash is an ordinary character of a file name
+            full, base = full.replace(os.sep, "/"), self.base.replace(os.sep, "/")
+        else:
+            base = self.base
         return full[len(base) + 1 :] if full.startswith(base + "/") else full
 
     def _key(self, rel: str) -> str:
@@ -445,7 +450,8 @@ class Storage:
         `read_parquet` for those.
         """
         uris = [self.uri(r) for r in rels]
-        return pl.scan_parquet(uris, storage_options=self.polars_options(), hive_partitioning=False)
+        # glob=False: these are exact paths; a root holding '[', '?' or '*' must not be read as a pattern
+        return pl.scan_parquet(uris, storage_options=self.polars_options(), hive_partitioning=False, glob=False)
 
     def read_parquet(self, rels: list[str]) -> pl.DataFrame:
         """Eager read of the given Parquet files, each in one GET: consistent even while a run republishes."""

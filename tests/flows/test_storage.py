@@ -176,6 +176,8 @@ def test_local_root_checks(tmp_path) -> None:
         ("s3://", "names no bucket"),
         ("s3:///x", "names no bucket"),
         ("s3://Bad_Bucket!/x", "not a valid bucket name"),
+        ("s3://bucket//x", "empty folder name"),  # key '/x/...': Polars' reader refuses empty segments
+        ("s3://bucket/a//b", "empty folder name"),
     ],
 )
 def test_roots_that_cannot_be_meant_are_refused(root: str, message: str) -> None:
@@ -188,6 +190,27 @@ def test_valid_roots_are_accepted(tmp_path) -> None:
     assert Storage(str(tmp_path) + "/").root == str(tmp_path)
     s3 = Storage("s3://my.bucket-1/some/prefix/", S3Settings())
     assert (s3.bucket, s3.key_prefix) == ("my.bucket-1", "some/prefix")
+    assert Storage("s3://bucket/p//", S3Settings()).key_prefix == "p"  # trailing slashes are only stripped
+    assert Storage("s3://bucket/", S3Settings()).key_prefix == ""
+
+
+@pytest.mark.skipif(os.sep != "/", reason="a backslash separates folders on Windows")
+def test_a_backslash_in_a_local_file_name_is_part_of_the_name(tmp_path) -> None:
+    storage = Storage(str(tmp_path))
+    storage.write_bytes("landing/back\\slash/x.jsonl", b"{}\n")
+    [info] = storage.list_files("landing")
+    assert info.path == "landing/back\\slash/x.jsonl"
+    assert storage.read_bytes(info.path) == b"{}\n"
+
+
+@pytest.mark.parametrize("name", ["root[1]", "root?x", "root*"])
+def test_scan_parquet_takes_paths_literally(any_root: Storage, name: str) -> None:
+    """Glob characters in the root (a folder or a prefix) are part of the name, not a pattern."""
+    storage = Storage(any_root.uri(name), any_root.s3)
+    if not storage.is_s3:
+        os.makedirs(storage.base)
+    storage.write_parquet("t/a.parquet", pl.DataFrame({"x": [1, 2]}))
+    assert storage.scan_parquet(["t/a.parquet"]).collect()["x"].to_list() == [1, 2]
 
 
 @pytest.mark.parametrize("endpoint", ["localhost:9000", "127.0.0.1:9000", "http://", "ftp://host:21", "http://h:port"])
