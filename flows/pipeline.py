@@ -587,6 +587,10 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     kept = conform(pl.concat([kept_all.filter(in_range), outside]), EVENT)
     by_date = event_files_by_date(storage)
     old = [p for d in _days(start, end) for p in by_date.get(d, [])]
+    # a batch that no longer has a rejected record must not keep the quarantine file of an earlier ingest
+    rejected = set(quarantine["batch"].to_list())
+    stale = {batch_quarantine_file(r["batch"]) for r in rows if r["batch"] not in rejected}
+    old += [f.path for f in storage.list_files("quarantine/records", (".parquet",)) if f.path in stale]
     dates = sorted(set(kept["date"].to_list()))
     files = [event_file(d, run_id) for d in dates]
     touched = merge_touched(

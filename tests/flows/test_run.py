@@ -438,3 +438,46 @@ meters:
     land(storage, "b.jsonl", jsonl(batch))
     summary = pipeline.run(storage, meters, log=lambda _: None)
     assert summary["latest_periods"] == {"tokens_total": "2024-01-01", "pages_total": "2025-02-01"}
+
+
+def _records(storage: Storage) -> pl.DataFrame:
+    """quarantine/records/ without the run's date, in a fixed order."""
+    files = [f.path for f in storage.list_files("quarantine/records", (".parquet",))]
+    df = storage.scan_parquet(files).collect().drop("date")
+    return df.sort(df.columns, nulls_last=True)
+
+
+def test_a_reingest_keeps_the_quarantine_of_a_from_scratch_run(tmp_path: Path) -> None:
+    """Duplicates are quarantined (stage dedupe) by a re-ingest as by a run, also in batches that have nothing else
+    rejected, and a batch that no longer has a rejected record keeps no quarantine file."""
+    storage = local_root(tmp_path)
+    a = event("a", "2024-01-10T10:00:00Z", data={"tokens": 1})
+    b = event("b", "2024-01-10T11:00:00Z", data={"tokens": 2})
+    land(storage, "1.jsonl", jsonl([a, b, "not json"]), mtime=1_700_000_000)
+    c = event("c", "2024-01-11T10:00:00Z", data={"tokens": 3})
+    land(storage, "2.jsonl", jsonl([a, c, event("", "2024-01-11T10:00:00Z")]), mtime=1_700_000_100)
+    land(storage, "3.jsonl", jsonl([b]), mtime=1_700_000_200)  # nothing in it but a duplicate
+    land(storage, "4.jsonl", jsonl([event("d", "2024-01-12T10:00:00Z")]), mtime=1_700_000_300)  # all fine
+    first = quiet_run(storage)
+    before = _records(storage)
+    assert sorted(before["reason"].to_list()) == ["duplicate", "duplicate", "malformed_json", "missing_id"]
+    # what an earlier version (a parsing bug) might have rejected in batch 4: a re-ingest must not keep it
+    manifest = storage.scan_parquet([f.path for f in storage.list_files("_state/manifest")]).collect()
+    clean = manifest.filter(pl.col("path") == "landing/4.jsonl")["batch"].item()
+    storage.write_bytes(
+        pipeline.batch_quarantine_file(clean), storage.read_bytes(pipeline.batch_quarantine_file(before["batch"][0]))
+    )
+    again = pipeline.backfill(
+        storage, METERS, dt.date(2024, 1, 1), dt.date(2024, 2, 1), reingest_landing=True, log=lambda _: None
+    )
+    assert _records(storage).equals(before)
+    assert (again["duplicates_dropped"], again["quarantined"], again["events_read"]) == (
+        first["duplicates_dropped"],
+        first["quarantined"],
+        first["events_read"],
+    )
+    # a re-ingest of one day still quarantines the duplicates of the others (their batch files are rewritten whole)
+    pipeline.backfill(
+        storage, METERS, dt.date(2024, 1, 11), dt.date(2024, 1, 12), reingest_landing=True, log=lambda _: None
+    )
+    assert _records(storage).equals(before)
