@@ -664,7 +664,12 @@ def status(
     elif lock.get("unreadable"):
         console.print(f"lock: {lock['unreadable']}")
     else:
-        state = "expired, the next run takes it over" if lock.get("expired") else f"until {lock.get('expires_at')}"
+        if lock.get("expired"):
+            state = "expired, the next run takes it over"
+        elif lock.get("gone"):
+            state = "its process is gone, the next run takes it over"
+        else:
+            state = f"until {lock.get('expires_at')}"
         console.print(f"lock: held by run {lock.get('run_id')} on {lock.get('host')} pid {lock.get('pid')} ({state})")
     recent = tools.runs(storage, last=last)
     if recent.is_empty():

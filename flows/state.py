@@ -155,6 +155,7 @@ def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.dateti
         "run_id": run_id,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **_process_space(),
         "acquired_at": now.isoformat(),
         "expires_at": (now + dt.timedelta(seconds=ttl_seconds)).isoformat(),
     }
@@ -166,13 +167,50 @@ def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.dateti
         if lock is None:
             continue
         held, expires = lock
-        if expires > now:
+        if expires > now and not holder_gone(held):
             raise LockHeld(
                 f"another run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) holds the lock "
                 f"until {held['expires_at']}; try again later"
             )
-        storage.delete([LOCK])  # expired: a crashed run's lock
+        storage.delete([LOCK])  # expired, or its process is gone: a crashed run's lock
     raise LockHeld("could not take the run lock (another run is starting); try again")
+
+
+def _process_space() -> dict[str, str]:
+    """What names the space the lock's pid lives in: this boot of this kernel and this pid namespace (Linux).
+
+    Empty elsewhere, and then a lock is only ever taken over once it has expired.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return {}
+    return {"boot_id": boot, "pid_ns": pid_ns}
+
+
+def holder_gone(held: dict) -> bool:
+    """True when the lock's run was a process of this very boot and pid namespace that no longer exists.
+
+    A run killed with SIGKILL (or by the OOM killer) cannot release its lock; without this, every run on the
+    same machine would fail until the lock expires two hours later. Only a process in the same boot and pid
+    namespace can be checked: a lock from another machine, container or boot (the same host name proves
+    nothing: a restarted pod keeps it) waits for its expiry. A pid reused since is taken as alive: the safe side.
+    """
+    space = _process_space()
+    pid = held.get("pid")
+    if not space or held.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    if held.get("boot_id") != space["boot_id"] or held.get("pid_ns") != space["pid_ns"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, under another user
+        return False
+    return False
 
 
 def wait_for_lock(

@@ -351,8 +351,9 @@ def newest_event_time(root: str | Storage) -> dt.datetime | None:
 
 
 def lock_holder(root: str | Storage) -> dict | None:
-    """The run lock's content (run_id, host, pid, acquired_at, expires_at, expired) or None.
+    """The run lock's content (run_id, host, pid, acquired_at, expires_at, expired, gone) or None.
 
+    `gone`: its process, on this machine, no longer exists (the next run takes the lock over).
     A damaged lock file gives `{"unreadable": <one-line message>, "expired": None}`.
     """
     storage = open_storage(root)
@@ -364,6 +365,7 @@ def lock_holder(root: str | Storage) -> dict | None:
         return None
     held, expires = lock
     held["expired"] = expires <= dt.datetime.now(dt.UTC)
+    held["gone"] = state.holder_gone(held)
     return held
 
 

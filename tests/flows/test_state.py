@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from flows import state
+from flows import state, tools
 
 from support import local_root
 
@@ -76,3 +79,54 @@ def test_a_damaged_lock_is_never_waited_for(tmp_path: Path) -> None:
     storage.write_bytes(state.LOCK, b"{not json")
     with pytest.raises(state.LockUnreadable):
         state.wait_for_lock(storage, "hourly", 3600, wait_seconds=600, sleep=lambda _: pytest.fail("slept"))
+
+
+def _lock_in_a_child(root: str, then: str) -> subprocess.Popen:
+    """A process that takes the lock with the real code, then `then`: 'die' (SIGKILL itself) or 'sleep'."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from flows import state\n"
+        "from flows.storage import Storage\n"
+        f"state.acquire_lock(Storage({root!r}), 'child', ttl_seconds=3600)\n"
+        "print('locked', flush=True)\n"
+        f"os.kill(os.getpid(), signal.SIGKILL) if {then!r} == 'die' else time.sleep(60)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+    return child
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="needs Linux's /proc to tell a process is gone")
+def test_the_lock_of_a_killed_run_on_this_machine_is_taken_over_at_once(tmp_path: Path) -> None:
+    """SIGKILL or the OOM killer leaves the lock behind: the next run must not fail for two hours."""
+    storage = local_root(tmp_path)
+    child = _lock_in_a_child(storage.root, "die")
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    assert storage.read_json(state.LOCK)["pid"] == child.pid  # left behind, unexpired
+    holder = tools.lock_holder(storage)  # what `meterlake status` shows
+    assert (holder["expired"], holder["gone"]) == (False, True)
+    state.acquire_lock(storage, "next", ttl_seconds=3600)
+    assert storage.read_json(state.LOCK)["run_id"] == "next"
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="needs Linux's /proc to tell a process is gone")
+def test_a_live_holder_or_one_that_cannot_be_checked_keeps_its_lock(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    child = _lock_in_a_child(storage.root, "sleep")
+    try:
+        with pytest.raises(state.LockHeld, match="child"):
+            state.acquire_lock(storage, "next", ttl_seconds=3600)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    held = storage.read_json(state.LOCK)
+    assert held["run_id"] == "child" and state.holder_gone(held)  # now gone: the same lock would be taken over
+    # the same dead pid seen from another boot, another pid namespace (a container) or written without them
+    # (another system): nothing tells whether that process lives, so the lock waits for its expiry
+    for changed in ({"boot_id": "another-boot"}, {"pid_ns": "pid:[1]"}, {"boot_id": None, "pid_ns": None}):
+        storage.write_json(state.LOCK, {**held, **changed})
+        with pytest.raises(state.LockHeld, match="child"):
+            state.acquire_lock(storage, "next", ttl_seconds=3600)
+    storage.write_json(state.LOCK, {**held, "host": "another-host"})
+    with pytest.raises(state.LockHeld, match="child"):
+        state.acquire_lock(storage, "next", ttl_seconds=3600)

@@ -198,7 +198,7 @@ def test_status_shows_the_lock_holder(root):
     state.acquire_lock(root, "run-x", ttl_seconds=60)
     try:
         holder = tools.lock_holder(root)
-        assert holder["run_id"] == "run-x" and holder["expired"] is False
+        assert holder["run_id"] == "run-x" and holder["expired"] is False and holder["gone"] is False
     finally:
         state.release_lock(root, "run-x")
 
