@@ -608,7 +608,8 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
         batches=len(batches),
         records=records_read(new, quarantine) - dups.height,  # the duplicates are in both
         valid=new.height,
-        duplicates=dups.filter(in_range).height + dups_outside.height,
+        # the dropped copies a run would count: those of the range, and all of the batches no run had read
+        duplicates=dups.filter(in_range | pl.col("file").is_in(sorted(unprocessed))).height,
         stored=kept.height,
         quarantined=dict(sorted(reasons.items())),
         touched=touched,
@@ -650,6 +651,10 @@ def backfill(
         redo, stale = runner.step("recover", recover, storage)
         result = IngestResult()
         if reingest_landing:
+            # before the re-ingest commits: a kill right after it must still leave every meter it moves (all of
+            # them) reported as rebuilt by mixed definitions, and absent meters' records dropped
+            every = {m.slug for m in meterset.meters}
+            update_fingerprints(storage, meterset, first_run=False, recomputed=every, events_changed=True)
             result = runner.step("reingest", reingest, storage, run_id, meterset.billing, start, end)
             # re-read events move every meter of their types, not only the selected ones
             selected = meterset

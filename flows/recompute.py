@@ -29,7 +29,7 @@ from transforms.tables import (
     period_partials,
     with_windows,
 )
-from transforms.windows import period_dates
+from transforms.windows import local_midnight, period_dates
 from transforms.windows import period_table as periods_for_dates
 
 EVENTS = "events"
@@ -355,25 +355,33 @@ def _stored_partials(storage: Storage, files: list[str], meters: list[Meter], wi
 def orphan_periods(
     storage: Storage, meters: list[Meter], billing: Billing, start: dt.datetime, end: dt.datetime
 ) -> list[str]:
-    """Period partitions that no period of the current billing block starts at and whose windows overlap
-    [start, end): left by an earlier billing block (another anchor, zone or period length). A backfill of
-    that range rebuilds its periods under the current block, so these would count the same events twice."""
+    """Period partitions left by an earlier billing block (another anchor, zone or period length) whose windows
+    overlap [start, end): a backfill of that range rebuilds its periods under the current block, so these would
+    count the same events twice.
+
+    A partition is current when its window is exactly the current block's period for its key; a key can be a
+    period start under both blocks (a month's first day is also a DAY period's) with another window, so the key
+    alone proves nothing. Periods are at most a month long, so only keys from 32 days before the range are read.
+    """
+    first_key = (start - dt.timedelta(days=33)).date()
     out = []
     for meter in meters:
         for name in storage.list_dirs(f"usage/{meter.slug}/period"):
-            key = name.removeprefix("period_start=")
             try:
-                day = dt.date.fromisoformat(key)
+                day = dt.date.fromisoformat(name.removeprefix("period_start="))
             except ValueError:
                 continue
-            if period_dates(day, billing.period, billing.anchor_day)[0] == day:
-                continue  # a current period: rebuilt (or deleted when empty) by the recompute itself
-            path = period_file(meter.slug, key)
+            if day < first_key or day > end.date() + dt.timedelta(days=1):
+                continue
+            path = period_file(meter.slug, day.isoformat())
             if not storage.exists(path):
                 continue
             bounds = storage.read_parquet([path]).select(pl.col("window_start").min(), pl.col("window_end").max())
-            first, after = bounds.row(0)
-            if first is None or (first < end and after > start):
+            window = bounds.row(0)
+            first, after = period_dates(day, billing.period, billing.anchor_day)
+            if window == (local_midnight(first, billing.timezone), local_midnight(after, billing.timezone)):
+                continue  # the current block's period: rebuilt (or deleted when empty) by the recompute itself
+            if window[0] is None or (window[0] < end and window[1] > start):
                 out.append(path)
     return out
 

@@ -121,6 +121,33 @@ def test_a_billing_change_fully_backfilled_leaves_no_period_of_the_old_billing(t
     assert not _differs(all_tables(storage, new), all_tables(scratch, new))
 
 
+@pytest.mark.parametrize(
+    ("after", "days"),
+    [("DAY", [20, 21, 22, 23, 24]), ("WEEK", [15, 16, 17])],  # 2024-01-01, a Monday: a month start, a week start
+    ids=["month-to-day", "month-to-week"],
+)
+def test_an_old_period_whose_key_is_also_a_new_period_start_is_dropped(
+    tmp_path: Path, after: str, days: list[int]
+) -> None:
+    """MONTH to DAY (or WEEK): the old month's key `period_start=<first day>` is also a period start under the new
+    block, with another window. A backfill over every event must not keep it beside the new periods."""
+    meters = "meters:\n  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v}\n"
+    old = meterset("billing: {period: MONTH}\n" + meters)
+    new = meterset(f"billing: {{period: {after}}}\n" + meters)
+    month = "2023-12" if after == "DAY" else "2024-01"
+    events = [event(f"e{d}", f"{month}-{d:02d}T10:00:00Z", data={"v": d}) for d in days]
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl(events), mtime=1_700_000_000)
+    run(storage, old)
+    start, end = ("2023-12-15", "2024-01-01") if after == "DAY" else ("2024-01-15", "2024-01-20")
+    assert _backfill(storage, new, start, end)["stale_meters"] == []  # the range holds every event
+    scratch = local_root(tmp_path, "scratch")
+    land(scratch, "a.jsonl", jsonl(events), mtime=1_700_000_000)
+    run(scratch, new)
+    assert storage.list_dirs("usage/tokens/period") == scratch.list_dirs("usage/tokens/period")
+    assert not _differs(all_tables(storage, new), all_tables(scratch, new))
+
+
 def test_a_billing_change_backfilled_in_part_drops_only_old_periods_overlapping_the_range(tmp_path: Path) -> None:
     meters = "meters:\n  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v}\n"
     old = meterset("billing: {period: WEEK}\n" + meters)
@@ -153,3 +180,26 @@ def test_a_first_run_killed_after_its_commit_still_records_its_definitions(
         run(storage, BOTH)
     monkeypatch.setattr(pipeline.state, "commit_manifest", real)
     assert run(storage, BOTH)["stale_meters"] == [], "nothing changed, yet every meter is reported stale"
+
+
+def test_a_reingest_killed_right_after_its_commit_still_leaves_a_removed_meter_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-ingest without `tokens` stores the events of a batch no run had read: added back, `tokens` misses them
+    and must be reported stale, even when the backfill died right after the re-ingest's commit."""
+    storage = local_root(tmp_path)
+    land(storage, BATCHES[0][0], BATCHES[0][1], mtime=1_700_000_000)
+    run(storage, BOTH)
+    land(storage, BATCHES[1][0], BATCHES[1][1], mtime=1_700_000_010)  # no run reads it before the re-ingest
+    real = pipeline.reingest
+
+    def killed_after(*args):  # the re-ingest commits, then the process dies
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "reingest", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        _backfill(storage, ONLY_PROMPTS, "2024-01-01", "2024-01-04", reingest_landing=True)
+    monkeypatch.setattr(pipeline, "reingest", real)
+    run(storage, ONLY_PROMPTS)
+    assert run(storage, BOTH)["stale_meters"] == ["tokens"]

@@ -103,3 +103,14 @@ def test_reingest_keeps_the_dropped_copies_in_quarantine(tmp_path: Path) -> None
     assert _quarantine(storage) == before
     _reingest(storage, "2024-01-10", "2024-01-25")  # a range without the copy's date
     assert _quarantine(storage) == before
+
+
+def test_reingest_counts_the_dropped_copies_of_an_unread_batch_as_a_run_would(tmp_path: Path) -> None:
+    """The summary's `duplicates_dropped` matches the `duplicate` rows the re-ingest leaves in quarantine."""
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", jsonl([_ev(1, 20)]), mtime=1_700_000_000)
+    run(storage, METERS)
+    land(storage, "2.jsonl", jsonl([_ev(1, 20), _ev(2, 3)]), mtime=1_700_000_010)  # a copy outside the range
+    out = _reingest(storage, "2024-01-01", "2024-01-10")
+    assert out["duplicates_dropped"] == 1
+    assert [r[1] for r in _quarantine(storage)] == ["duplicate"]
