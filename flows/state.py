@@ -10,6 +10,7 @@ Commit protocol of a run (see docs/design.md):
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
@@ -26,6 +27,8 @@ MANIFEST = "_state/manifest"
 PENDING = "_state/pending"
 RUNS = "_state/runs"
 LOCK = "_state/lock.json"
+TAKEOVERS = "_state/lock-takeovers"  # one marker per crashed run's lock taken over (see `_take_over`)
+TAKEOVER_STALE_SECONDS = 300  # a takeover takes milliseconds; a marker this old lost its taker mid-way
 METERS = "_state/meters.json"
 
 MANIFEST_SCHEMA = {
@@ -172,8 +175,32 @@ def acquire_lock(storage: Storage, run_id: str, ttl_seconds: int, now: dt.dateti
                 f"another run ({held.get('run_id')} on {held.get('host')}, pid {held.get('pid')}) holds the lock "
                 f"until {held['expires_at']}; try again later"
             )
-        storage.delete([LOCK])  # expired, or its process is gone: a crashed run's lock
+        _take_over(storage, held, run_id)  # expired, or its process is gone: a crashed run's lock
     raise LockHeld("could not take the run lock (another run is starting); try again")
+
+
+def _take_over(storage: Storage, held: dict, run_id: str) -> None:
+    """Delete a crashed run's lock, as the one run allowed to: an exclusive marker named after the lock's content.
+
+    Without it, two runs that both read the dead lock could each delete it, the second deleting the lock the
+    first had just created, and both would run. The marker stays (a later contender that read the same dead lock
+    must still lose); one whose taker died before deleting the lock (older than TAKEOVER_STALE_SECONDS) is
+    removed so that the next attempt can take over. Markers older than a day are cleared by each takeover.
+    """
+    digest = hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    marker = f"{TAKEOVERS}/{digest}.json"
+    now = dt.datetime.now(dt.UTC)
+    if not storage.create_exclusive(marker, json.dumps({"run_id": run_id, "at": now.isoformat()}).encode()):
+        try:
+            at = dt.datetime.fromisoformat(storage.read_json(marker)["at"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            at = now
+        if (now - at).total_seconds() > TAKEOVER_STALE_SECONDS:
+            storage.delete([marker])
+        raise LockHeld(f"another run is taking over the lock of the crashed run {held.get('run_id')}; try again")
+    storage.delete([LOCK])
+    old = now - dt.timedelta(days=1)
+    storage.delete([f.path for f in storage.list_files(TAKEOVERS, (".json",)) if f.mtime < old.timestamp()])
 
 
 def _process_space() -> dict[str, str]:

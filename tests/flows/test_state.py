@@ -130,3 +130,45 @@ def test_a_live_holder_or_one_that_cannot_be_checked_keeps_its_lock(tmp_path: Pa
     storage.write_json(state.LOCK, {**held, "host": "another-host"})
     with pytest.raises(state.LockHeld, match="child"):
         state.acquire_lock(storage, "next", ttl_seconds=3600)
+
+
+def test_only_one_of_two_runs_that_read_the_same_dead_lock_takes_it_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads the crashed run's lock; A takes it over and creates its own; B must not delete A's lock."""
+    storage = local_root(tmp_path)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    state.acquire_lock(storage, "crashed", ttl_seconds=3600, now=past)
+    real_read = state.read_lock
+    calls = {"n": 0}
+
+    def read_then_pause(s):  # B's read of the dead lock; A runs its whole takeover before B goes on
+        got = real_read(s)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            monkeypatch.setattr(state, "read_lock", real_read)
+            state.acquire_lock(storage, "A", ttl_seconds=3600)
+        return got
+
+    monkeypatch.setattr(state, "read_lock", read_then_pause)
+    with pytest.raises(state.LockHeld, match="taking over the lock of the crashed run crashed"):
+        state.acquire_lock(storage, "B", ttl_seconds=3600)
+    assert storage.read_json(state.LOCK)["run_id"] == "A"
+    state.release_lock(storage, "A")
+    state.acquire_lock(storage, "C", ttl_seconds=3600)  # a free lock is taken as before
+    assert storage.read_json(state.LOCK)["run_id"] == "C"
+
+
+def test_a_takeover_whose_taker_died_midway_does_not_block_for_good(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    state.acquire_lock(storage, "crashed", ttl_seconds=3600, now=past)
+    held = state.read_lock(storage)[0]
+    digest = state.hashlib.sha256(state.json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    marker = f"{state.TAKEOVERS}/{digest}.json"
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=state.TAKEOVER_STALE_SECONDS + 1)
+    storage.write_json(marker, {"run_id": "died-midway", "at": at.isoformat()})  # won, then died before the delete
+    with pytest.raises(state.LockHeld, match="taking over"):
+        state.acquire_lock(storage, "next", ttl_seconds=3600)
+    state.acquire_lock(storage, "next", ttl_seconds=3600)  # the stale marker is gone: this attempt takes over
+    assert storage.read_json(state.LOCK)["run_id"] == "next"

@@ -203,13 +203,16 @@ def test_a_backslash_in_a_local_file_name_is_part_of_the_name(tmp_path) -> None:
     assert storage.read_bytes(info.path) == b"{}\n"
 
 
-@pytest.mark.parametrize("name", ["root[1]", "root?x", "root*"])
-def test_scan_parquet_takes_paths_literally(any_root: Storage, name: str) -> None:
-    """Glob characters in the root (a folder or a prefix) are part of the name, not a pattern."""
+@pytest.mark.parametrize(("name", "sibling"), [("root[1]", "root1"), ("root?x", "rootAx"), ("root*", "rootzz")])
+def test_scan_parquet_takes_paths_literally(any_root: Storage, name: str, sibling: str) -> None:
+    """Glob characters in the root (a folder or a prefix) are part of the name, not a pattern: read as a pattern,
+    the root would also match (or only match) its sibling's file."""
+    for folder, values in ((name, [1, 2]), (sibling, [9])):
+        storage = Storage(any_root.uri(folder), any_root.s3)
+        if not storage.is_s3:
+            os.makedirs(storage.base)
+        storage.write_parquet("t/a.parquet", pl.DataFrame({"x": values}))
     storage = Storage(any_root.uri(name), any_root.s3)
-    if not storage.is_s3:
-        os.makedirs(storage.base)
-    storage.write_parquet("t/a.parquet", pl.DataFrame({"x": [1, 2]}))
     assert storage.scan_parquet(["t/a.parquet"]).collect()["x"].to_list() == [1, 2]
 
 
