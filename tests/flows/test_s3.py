@@ -323,6 +323,40 @@ def test_finding_new_batches_opens_no_landed_object(s3_root: str, s3_faults: Fau
     assert any("start-after=" in p for _, p in seen)
 
 
+@pytest.mark.slow
+def test_a_landing_zone_of_more_than_one_listing_page(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,001 batches under landing/ (S3 lists 1,000 keys a page): the first run takes every one, a later run
+    with one more batch (sorting before all others) takes exactly that one."""
+    storage = Storage(s3_root)
+    meters = meterset(METERS)
+    n = 1001
+    # straight into the in-process moto server's store: 1,001 PUTs over HTTP take ~12 s on two cores
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends["123456789012"]["aws"]
+    for i in range(n):
+        body = jsonl([prompt(i, f"2024-01-{1 + i % 28:02d}T10:00:00Z", i)])
+        backend.put_object(storage.bucket, storage._key(f"landing/{i // 100:02d}/b{i:04d}.jsonl"), body)
+    assert len(backend.get_bucket(storage.bucket).keys) == n
+    pages: list[dict] = []
+    real_call = storage.fs.call_s3
+
+    def call_s3(method: str, *args, **kwargs):
+        if method == "list_objects_v2" and kwargs.get("Prefix", "").endswith("/landing/"):
+            pages.append(kwargs)
+        return real_call(method, *args, **kwargs)
+
+    monkeypatch.setattr(storage.fs, "call_s3", call_s3)
+    summary = pipeline.run(storage, meters, log=lambda _: None)
+    assert (summary["batches"], summary["events_stored"]) == (n, n)
+    assert any("ContinuationToken" in p for p in pages), "the listing of landing/ never went past its first page"
+    storage.write_bytes("landing/00/a-late.jsonl", jsonl([prompt(n, "2024-01-05T11:00:00Z", 5)]))
+    summary = pipeline.run(storage, meters, log=lambda _: None)
+    assert (summary["batches"], summary["events_stored"]) == (1, 1)
+    period = read_tables(storage, meters)["prompts/period"]
+    assert period["value"].sum() == n + 1
+
+
 # --- faults ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clean_tables(tmp_path_factory: pytest.TempPathFactory) -> dict:
