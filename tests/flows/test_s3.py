@@ -357,6 +357,61 @@ def test_a_landing_zone_of_more_than_one_listing_page(s3_root: str, monkeypatch:
     assert period["value"].sum() == n + 1
 
 
+ODD_NAMES = [
+    "with space/a file.jsonl",
+    "ünïcødé/日本 €.jsonl",
+    "k=v/a=b.jsonl",
+    "hash#/x#1.jsonl",
+    "plus+/a+b.jsonl",
+    "pct%20/a%20b.jsonl",
+    "br[ack]/[x].jsonl",
+    "q?/what?.jsonl",
+    "star*/a*.jsonl",
+    "type=x/part-0.parquet",  # looks like a Hive partition: `type` is also an event column
+]
+
+
+def odd_names_run(storage: Storage) -> dict:
+    meters = meterset(METERS)
+    for i, name in enumerate(ODD_NAMES):
+        events = [
+            prompt(100 + i, f"2024-01-{10 + i:02d}T08:00:00Z", i + 1, f"m{i}"),
+            api(100 + i, f"2024-01-{10 + i:02d}T09:00:00Z", f"u{i}"),
+        ]
+        land(storage, name, parquet_batch(events) if name.endswith(".parquet") else jsonl([*events, "{broken"]))
+    first = pipeline.run(storage, meters, log=lambda _: None)
+    again = pipeline.run(storage, meters, log=lambda _: None)
+    files = [f.path for f in storage.list_files("quarantine", (".parquet",))]
+    quarantined = sorted(storage.read_parquet(files)["file"].to_list())
+    stored = storage.read_parquet([f.path for f in storage.list_files("events", (".parquet",))])
+    return {
+        "first": first,
+        "again": again,
+        "quarantined": quarantined,
+        "stored": sorted(stored["file"].unique().to_list()),
+        "tables": read_tables(storage, meters),
+    }
+
+
+@pytest.mark.slow
+def test_odd_landed_names_are_ingested_alike_on_s3_and_local(s3_root: str, tmp_path) -> None:
+    """Spaces, unicode, '=', '#', '+', '%20', '[', ']', '?', '*' in folder and file names, and Parquet under a
+    Hive-looking `type=x/` folder: every batch is read once, on both roots, with the same results."""
+    local = odd_names_run(local_root(tmp_path))
+    remote = odd_names_run(Storage(s3_root))
+    landed = sorted(f"landing/{name}" for name in ODD_NAMES)
+    for got in (local, remote):
+        assert (got["first"]["batches"], got["first"]["events_stored"]) == (len(ODD_NAMES), 2 * len(ODD_NAMES))
+        assert got["first"]["quarantined"] == {"malformed_json": len(ODD_NAMES) - 1}
+        assert got["again"]["batches"] == 0, "a batch with an odd name was read again"
+        assert got["stored"] == landed
+        assert got["quarantined"] == [n for n in landed if not n.endswith(".parquet")]
+    for name, frame in local["tables"].items():
+        assert_equal(remote["tables"][name], frame, name)
+    assert local["tables"]["tokens/period"]["value"].sum() == sum(range(1, len(ODD_NAMES) + 1))
+    assert local["tables"]["tokens/period"]["model"].to_list() == sorted(f"m{i}" for i in range(len(ODD_NAMES)))
+
+
 # --- faults ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clean_tables(tmp_path_factory: pytest.TempPathFactory) -> dict:
