@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,27 @@ def _land(storage: Storage) -> None:
     land(storage, "b2.jsonl", jsonl(events[450:]))
 
 
+def _slice_task_runs(flow_run_id: str) -> list[str]:
+    """States of the `recompute-days` task runs (one per slice of days) of one flow run."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list:
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return [r.state_type.value for r in anyio.run(read) if r.name.startswith("recompute-days")]
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_local_dask_cluster_matches_single_process(tmp_path: Path) -> None:
-    from flows.prefect_flows import run_hourly
+def test_local_dask_cluster_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The days split into several slices, each a task on a two-worker cluster, for a run and for a backfill."""
+    from prefect.runtime import flow_run
+
+    from flows import prefect_flows, recompute
+    from flows.prefect_flows import run_backfill, run_hourly
 
     single, dask = Storage(str(tmp_path / "single")), Storage(str(tmp_path / "dask"))
     meters_file = tmp_path / "meters.yaml"
@@ -45,10 +63,36 @@ def test_local_dask_cluster_matches_single_process(tmp_path: Path) -> None:
     _land(single)
     _land(dask)
     pipeline.run(single, meterset(METERS), log=lambda _: None)
+    # About four slices of days (the default, 32 MB, holds all 58 days in one). The plan is made in the flow's
+    # own process (a task called, not submitted), so patching this process is enough; the workers get the slices.
+    stored = sum(f.size for f in single.list_files("events", (".parquet",)))
+    monkeypatch.setattr(recompute, "SLICE_BYTES", stored // 4)
+    flow_runs: list[str] = []
+    real_artifacts = prefect_flows._artifacts
+
+    def artifacts(summary: dict) -> None:  # runs inside the flow run: note its id
+        flow_runs.append(str(flow_run.id))
+        real_artifacts(summary)
+
+    monkeypatch.setattr(prefect_flows, "_artifacts", artifacts)
+
+    def assert_same(what: str) -> None:
+        expected, got = all_tables(single, meterset(METERS)), all_tables(dask, meterset(METERS))
+        assert expected.keys() == got.keys()
+        for name, table in expected.items():
+            assert not table.is_empty(), name
+            assert table.equals(got[name]), f"{what}: {name}"
+
     summary = run_hourly(root=dask.root, meters=str(meters_file), workers=2)
     assert summary["events_stored"] == 900
-    expected, got = all_tables(single, meterset(METERS)), all_tables(dask, meterset(METERS))
-    assert expected.keys() == got.keys()
-    for name, table in expected.items():
-        assert not table.is_empty(), name
-        assert table.equals(got[name]), name
+    slices = _slice_task_runs(flow_runs[-1])
+    assert len(slices) >= 3 and set(slices) == {"COMPLETED"}, slices
+    assert_same("run")
+
+    start, end = dt.date(2024, 1, 1), dt.date(2024, 3, 1)
+    pipeline.backfill(single, meterset(METERS), start, end, log=lambda _: None)
+    out = run_backfill(workers=2, start=start, end=end, root=dask.root, meters=str(meters_file))
+    assert out["periods_recomputed"] > 0
+    slices = _slice_task_runs(flow_runs[-1])
+    assert len(slices) >= 3 and set(slices) == {"COMPLETED"}, slices
+    assert_same("backfill")
