@@ -13,7 +13,9 @@ events/ and quarantine must equal those of an uninterrupted run, with nothing le
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -87,12 +89,13 @@ ZYGOTE = textwrap.dedent(
         meters = parse_meters(open(cmd["meters"]).read())
         storage = Storage(cmd["root"])
         quiet = lambda _: None
+        ttl = cmd.get("lock_ttl", 0)  # 0: a killed run's lock is expired at once
         if cmd["op"] == "run":
-            pipeline.run(storage, meters, log=quiet, lock_ttl=0)  # ttl 0: a killed run's lock is expired at once
+            pipeline.run(storage, meters, log=quiet, lock_ttl=ttl)
         else:
             start, end = (dt.date.fromisoformat(d) for d in cmd["range"])
             pipeline.backfill(storage, meters, start, end, reingest_landing=cmd["op"] == "reingest", log=quiet,
-                              lock_ttl=0)
+                              lock_ttl=ttl)
         with open(cmd["out"], "w") as fh:
             json.dump({"calls": calls[0]}, fh)
 
@@ -129,10 +132,13 @@ class Killer:
             env={**os.environ, "POLARS_MAX_THREADS": "2"},
         )
 
-    def attempt(self, root: Path, n: int, mode: str = "before", op: str = "run", range_: tuple = ()) -> dict:
+    def attempt(
+        self, root: Path | str, n: int, mode: str = "before", op: str = "run", range_: tuple = (), lock_ttl: int = 0
+    ) -> dict:
         out = self.tmp / "child.json"
         out.unlink(missing_ok=True)
         cmd = {"root": str(root), "n": n, "mode": mode, "op": op, "meters": str(self.meters), "out": str(out)}
+        cmd["lock_ttl"] = lock_ttl
         cmd["range"] = [d.isoformat() for d in range_]
         assert self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -441,3 +447,68 @@ def test_concurrent_runs_one_wins(bases: dict[str, Path], tmp_path: Path) -> Non
     outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert "ran" in outcomes and all(o in ("ran", "locked") for o in outcomes), outcomes
     assert_recovered(storage, expected, "concurrent runs")
+
+
+# --- on S3 -------------------------------------------------------------------------------------------------
+def assert_published_objects_readable(storage: Storage) -> None:
+    """`assert_published_files_readable` for an S3 root: complete Parquet objects only, nothing hidden."""
+    for prefix in ("usage", "events", "quarantine"):
+        for f in storage.list_files(prefix):
+            name = f.path.rsplit("/", 1)[-1]
+            assert name.endswith(".parquet") and not name.startswith((".", "_")), f"stray object {f.path}"
+            pq.read_metadata(io.BytesIO(storage.read_bytes(f.path)))  # raises on a truncated object
+
+
+def clone_s3(src: Storage, root: str) -> Storage:
+    """A copy of an S3 root, each object put straight into the in-process moto server's store (copying ~50
+    objects over HTTP takes seconds) with its LastModified kept: the manifest's (path, size, mtime, etag) of
+    each landed batch still match, as in a root that was never copied."""
+    from moto.s3.models import s3_backends
+
+    target = Storage(root)
+    backend = s3_backends["123456789012"]["aws"]
+    prefix = src._key("") + "/"
+    for name in [k for k in backend.get_bucket(src.bucket).keys if k.startswith(prefix)]:
+        key = backend.get_object(src.bucket, name)
+        copy = backend.put_object(target.bucket, target._key(name[len(prefix) :]), key.value)
+        copy.last_modified = key.last_modified
+    return target
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_kill_anywhere_on_s3_then_restart(
+    s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The `committed` case of test_kill_anywhere_then_restart (one run, then new and late batches) on an S3
+    root, killed at a sample of the run's storage writes and deletes. The kills keep the default two-hour lock:
+    the restart takes it over because the killed process is gone (state.holder_gone), as a run restarted on the
+    same machine would."""
+    import flows.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "DEFAULT_RETRY", storage_module.RetryPolicy(3, 0.02, 0.2))
+    caplog.set_level(logging.WARNING, logger="werkzeug")  # moto's request log: a record per request
+    s3_killer = Killer(tmp_path)  # started here: it inherits the AWS variables aimed at moto
+    try:
+        base = Storage(f"{s3_root}/base")
+        land_all(base, first_batches(), 0)
+        quiet_run(base)
+        land_all(base, second_batches(), 0)
+        expected_root = clone_s3(base, f"{s3_root}/uninterrupted")
+        assert len(pipeline.find_new_batches(expected_root)) == len(second_batches())
+        probe = s3_killer.attempt(expected_root.root, n=0)  # an uninterrupted run, counting its calls
+        total = probe["calls"]
+        assert probe["signal"] is None and total > 5, probe
+        expected = snapshot(expected_root)
+        assert expected["events"].height > 30
+        for n in kill_points(total, 3):  # before the first write, mid-way, at the last one (after the commit)
+            storage = clone_s3(base, f"{s3_root}/kill-{n}")
+            result = s3_killer.attempt(storage.root, n=n, lock_ttl=pipeline.LOCK_TTL)
+            assert result["signal"] == 9, f"call {n} of {total} did not kill the run: {result}"
+            held = storage.read_json(state.LOCK)  # the killed run could not release its lock
+            assert held["expires_at"] > dt.datetime.now(dt.UTC).isoformat() and state.holder_gone(held)
+            assert_published_objects_readable(storage)
+            quiet_run(storage)
+            assert_recovered(storage, expected, f"S3, killed at call {n}/{total}")
+    finally:
+        s3_killer.close()

@@ -324,9 +324,12 @@ def test_finding_new_batches_opens_no_landed_object(s3_root: str, s3_faults: Fau
 
 
 @pytest.mark.slow
-def test_a_landing_zone_of_more_than_one_listing_page(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_landing_zone_of_more_than_one_listing_page(
+    s3_root: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """1,001 batches under landing/ (S3 lists 1,000 keys a page): the first run takes every one, a later run
     with one more batch (sorting before all others) takes exactly that one."""
+    caplog.set_level(logging.WARNING, logger="werkzeug")  # moto's request log: a record per request
     storage = Storage(s3_root)
     meters = meterset(METERS)
     n = 1001
