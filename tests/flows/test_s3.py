@@ -669,18 +669,16 @@ def cli_session(root: str, meters_file: str, out_dir, storage: Storage, capsys: 
     land(storage, "2024/01/10/a.jsonl", jsonl(FIRST))
     land(storage, "2024/01/20/b.parquet", parquet_batch(SECOND))
     land(storage, "2024/02/05/c.jsonl.gz", gzip.compress(jsonl([*THIRD, "{not json", {"id": "x"}])))
+    land(storage, "2024/02/06/late.jsonl", jsonl(LATE))
     call("run", "run", "--no-prefect", *where)
     tables["run"] = read_tables(storage, meters)
-    land(storage, "2024/02/06/late.jsonl", jsonl(LATE))
-    land(storage, "2024/01/10/a.jsonl", jsonl(FIRST + RELANDED_EXTRA))  # re-landed with new content
-    call("run again", "run", "--no-prefect", *where)
-    tables["run again"] = read_tables(storage, meters)
     span = ("--from", "2024-01-01", "--to", "2024-03-01")
     call("backfill", "backfill", *span, "--no-prefect", *where)
     tables["backfill"] = read_tables(storage, meters)
+    land(storage, "2024/01/10/a.jsonl", jsonl(FIRST + RELANDED_EXTRA))  # re-landed with new content
     call("reingest", "backfill", *span, "--reingest", "--no-prefect", *where)
     tables["reingest"] = read_tables(storage, meters)
-    for fmt in ("table", "csv", "json"):
+    for fmt in ("table", "json"):
         call(f"query {fmt}", "query", "tokens", *span, "-w", "DAY", "-g", "model", "-g", "subject", "-f", fmt, *where)
     call("query users", "query", "users", *span, "-w", "MONTH", "--tz", "Europe/Berlin", *where)
     call("quarantine", "quarantine", "--root", root, "--limit", "50")
@@ -695,17 +693,18 @@ def cli_session(root: str, meters_file: str, out_dir, storage: Storage, capsys: 
 
 @pytest.mark.slow
 def test_cli_commands_on_s3_match_a_local_root(
-    s3_root: str, meters_file: str, tmp_path, capsys: pytest.CaptureFixture
+    s3_root: str, meters_file: str, tmp_path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """run, run, backfill, backfill --reingest, query, quarantine, status and report through `main`, on an S3
+    """run, backfill, backfill --reingest, query, quarantine, status and report through `main`, on an S3
     root and on a local root with the same batches: each exits 0, and tables and printed output are the same."""
+    caplog.set_level(logging.WARNING, logger="werkzeug")  # moto's request log: a record per request
     local = local_root(tmp_path, "local")
     (tmp_path / "out-local").mkdir()
     (tmp_path / "out-s3").mkdir()
     expected = cli_session(local.root, meters_file, tmp_path / "out-local", local, capsys)
     got = cli_session(s3_root, meters_file, tmp_path / "out-s3", Storage(s3_root), capsys)
     assert got["outputs"].keys() == expected["outputs"].keys()
-    assert got["runs"] == expected["runs"] and len(expected["runs"]) == 4
+    assert got["runs"] == expected["runs"] and len(expected["runs"]) == 3
     for name, text in expected["outputs"].items():
         assert got["outputs"][name] == text, f"{name}: S3 output differs from local"
     for step, tables in expected["tables"].items():
