@@ -327,20 +327,31 @@ def test_finding_new_batches_opens_no_landed_object(s3_root: str, s3_faults: Fau
 def test_a_landing_zone_of_more_than_one_listing_page(
     s3_root: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """1,001 batches under landing/ (S3 lists 1,000 keys a page): the first run takes every one, a later run
-    with one more batch (sorting before all others) takes exactly that one."""
+    """1,050 objects under landing/ (S3 lists 1,000 keys a page): 50 batches on the first page, 950 objects a
+    producer is still writing (`_spool/`, listed but never read), 50 batches on the second page. The first run
+    takes all 100 batches; a later run, with one more batch that moves the page boundary, takes exactly that one.
+
+    (1,001 batches would take ~22 s here: moto serves a GET in ~15 ms on two cores, and every batch is read.)
+    """
     caplog.set_level(logging.WARNING, logger="werkzeug")  # moto's request log: a record per request
     storage = Storage(s3_root)
     meters = meterset(METERS)
-    n = 1001
-    # straight into the in-process moto server's store: 1,001 PUTs over HTTP take ~12 s on two cores
+    # straight into the in-process moto server's store: 1,050 PUTs over HTTP take ~12 s on two cores
     from moto.s3.models import s3_backends
 
     backend = s3_backends["123456789012"]["aws"]
-    for i in range(n):
+
+    def put(rel: str, i: int) -> None:
         body = jsonl([prompt(i, f"2024-01-{1 + i % 28:02d}T10:00:00Z", i)])
-        backend.put_object(storage.bucket, storage._key(f"landing/{i // 100:02d}/b{i:04d}.jsonl"), body)
-    assert len(backend.get_bucket(storage.bucket).keys) == n
+        backend.put_object(storage.bucket, storage._key(f"landing/{rel}"), body)
+
+    for i in range(50):
+        put(f"0/b{i:04d}.jsonl", i)  # '0' < '_' < 'z': page one starts with these
+    for i in range(950):
+        put(f"_spool/part-{i:04d}.jsonl", 10_000 + i)
+    for i in range(50, 100):
+        put(f"z/b{i:04d}.jsonl", i)  # page two
+    assert len(backend.get_bucket(storage.bucket).keys) == 1050
     pages: list[dict] = []
     real_call = storage.fs.call_s3
 
@@ -351,13 +362,14 @@ def test_a_landing_zone_of_more_than_one_listing_page(
 
     monkeypatch.setattr(storage.fs, "call_s3", call_s3)
     summary = pipeline.run(storage, meters, log=lambda _: None)
-    assert (summary["batches"], summary["events_stored"]) == (n, n)
+    assert (summary["batches"], summary["events_stored"]) == (100, 100)
     assert any("ContinuationToken" in p for p in pages), "the listing of landing/ never went past its first page"
-    storage.write_bytes("landing/00/a-late.jsonl", jsonl([prompt(n, "2024-01-05T11:00:00Z", 5)]))
+    put("0/a-late.jsonl", 100)  # sorts first: the last batch of page one moves to page two
     summary = pipeline.run(storage, meters, log=lambda _: None)
     assert (summary["batches"], summary["events_stored"]) == (1, 1)
-    period = read_tables(storage, meters)["prompts/period"]
-    assert period["value"].sum() == n + 1
+    tables = read_tables(storage, meters)
+    assert tables["prompts/period"]["value"].sum() == 101
+    assert tables["tokens/period"]["value"].sum() == sum(range(101))
 
 
 ODD_NAMES = [
