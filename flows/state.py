@@ -299,8 +299,21 @@ def write_run_record(storage: Storage, run_id: str, record: dict) -> None:
 
 
 def read_run_records(storage: Storage, last: int = 20) -> list[dict]:
-    files = storage.list_files(RUNS, (".json",))[-last:]
-    return [storage.read_json(f.path) for f in files]
+    """The last `last` run records in the order they finished.
+
+    Run ids sort by their start second only (then a random suffix), so records of runs started in the same
+    second are read together and put in the order of their `finished_at`.
+    """
+    files = storage.list_files(RUNS, (".json",))
+    if last <= 0 or not files:
+        return []
+    first = max(len(files) - last, 0)
+    second = os.path.basename(files[first].path)[:16]  # the start second: 20240101T000000Z
+    while first > 0 and os.path.basename(files[first - 1].path).startswith(second):
+        first -= 1
+    records = [storage.read_json(f.path) for f in files[first:]]
+    records.sort(key=lambda r: (str(r.get("run_id", ""))[:16], str(r.get("finished_at") or "")))
+    return records[-last:]
 
 
 def read_fingerprints(storage: Storage) -> dict[str, str]:

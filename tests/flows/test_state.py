@@ -172,3 +172,19 @@ def test_a_takeover_whose_taker_died_midway_does_not_block_for_good(tmp_path: Pa
         state.acquire_lock(storage, "next", ttl_seconds=3600)
     state.acquire_lock(storage, "next", ttl_seconds=3600)  # the stale marker is gone: this attempt takes over
     assert storage.read_json(state.LOCK)["run_id"] == "next"
+
+
+def test_run_records_of_the_same_second_come_in_the_order_they_finished(tmp_path: Path) -> None:
+    """Run ids sort by start second, then a random suffix: `status` must not list a later run first."""
+    storage = local_root(tmp_path)
+    records = [
+        ("20240101T000000Z-ffffff", "2024-01-01T00:00:05+00:00"),  # started first in that second, finished first
+        ("20240101T000000Z-000000", "2024-01-01T00:00:09+00:00"),
+        ("20240101T000001Z-aaaaaa", "2024-01-01T00:00:10+00:00"),
+    ]
+    for run_id, finished in records:
+        state.write_run_record(storage, run_id, {"run_id": run_id, "finished_at": finished})
+    assert [r["run_id"] for r in state.read_run_records(storage, last=3)] == [r for r, _ in records]
+    # the last two: the window reaches back over the whole second, then keeps the two that finished last
+    assert [r["run_id"] for r in state.read_run_records(storage, last=2)] == [r for r, _ in records[1:]]
+    assert state.read_run_records(storage, last=0) == []
