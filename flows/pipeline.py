@@ -270,7 +270,7 @@ def _ingest_chunk(
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_date(run_id))))
     reasons.update(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     total.unchanged += unchanged
-    total.records += records_read(new, quarantine) - dups.height  # the duplicates are in both
+    total.records += records_read(new, quarantine)
     total.valid += new.height
     total.duplicates += dups.height
     total.stored += kept.height
@@ -292,8 +292,9 @@ def with_duplicates(quarantine: pl.DataFrame, dups: pl.DataFrame) -> pl.DataFram
 
 
 def records_read(valid: pl.DataFrame, quarantine: pl.DataFrame) -> int:
-    """Records read: the valid ones and the rejected ones; an unreadable file counts under its reason only."""
-    return valid.height + quarantine.filter(pl.col("stage") != "file").height
+    """Records read: the valid ones and the rejected ones. A dropped copy is among the valid ones already (its
+    `dedupe` row is not another record), and an unreadable file counts under its reason only."""
+    return valid.height + quarantine.filter(~pl.col("stage").is_in(["file", "dedupe"])).height
 
 
 def run_date(run_id: str) -> str:
@@ -576,12 +577,11 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     batches = sorted(storage.list_files(LANDING, BATCH_SUFFIXES), key=lambda f: (f.mtime, f.path))
     new, quarantine, rows, _ = read_batches(storage, batches, set())
     in_range = pl.col("date").is_in(_days(start, end))
+    unread = pl.col("file").is_in(sorted(unprocessed))
     # Deduplicated over every date (the key holds the date, so the kept rows in range are the same): the
     # quarantine files are rewritten whole, one per batch, and must keep every batch's dropped copies.
     kept_all, dups = dedupe(new)
-    outside, dups_outside = dedupe_against_store(
-        storage, kept_all.filter(~in_range & pl.col("file").is_in(sorted(unprocessed)))
-    )
+    outside, dups_outside = dedupe_against_store(storage, kept_all.filter(~in_range & unread))
     dups = pl.concat([dups, dups_outside]) if dups_outside.height else dups
     quarantine = with_duplicates(quarantine, dups)
     kept = conform(pl.concat([kept_all.filter(in_range), outside]), EVENT)
@@ -606,10 +606,10 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     return IngestResult(
         batches=len(batches),
-        records=records_read(new, quarantine) - dups.height,  # the duplicates are in both
+        records=records_read(new, quarantine),
         valid=new.height,
         # the dropped copies a run would count: those of the range, and all of the batches no run had read
-        duplicates=dups.filter(in_range | pl.col("file").is_in(sorted(unprocessed))).height,
+        duplicates=dups.filter(in_range | unread).height,
         stored=kept.height,
         quarantined=dict(sorted(reasons.items())),
         touched=touched,
@@ -649,15 +649,15 @@ def backfill(
     state.wait_for_lock(storage, run_id, lock_ttl, lock_wait, log)
     try:
         redo, stale = runner.step("recover", recover, storage)
+        if reingest_landing:  # re-read events move every meter of their types, not only the selected ones
+            selected = meterset
+        # Before anything is re-ingested or recomputed: a kill right after the re-ingest's commit must still leave
+        # the meters it moves recorded as rebuilt by mixed definitions, and absent meters' records dropped.
+        recomputing = {m.slug for m in selected.meters} | {m.slug for m in meterset.meters if m.event_type in redo}
+        update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=reingest_landing)
         result = IngestResult()
         if reingest_landing:
-            # before the re-ingest commits: a kill right after it must still leave every meter it moves (all of
-            # them) reported as rebuilt by mixed definitions, and absent meters' records dropped
-            every = {m.slug for m in meterset.meters}
-            update_fingerprints(storage, meterset, first_run=False, recomputed=every, events_changed=True)
             result = runner.step("reingest", reingest, storage, run_id, meterset.billing, start, end)
-            # re-read events move every meter of their types, not only the selected ones
-            selected = meterset
         dates = _days(start, end)
         # local dates of the range, widened by a day either side so every overlapping period is rebuilt
         local = _days(start - dt.timedelta(days=1), end + dt.timedelta(days=1))
@@ -667,15 +667,13 @@ def backfill(
         state.write_pending(storage, state.Pending(run_id=run_id, touched=merge_touched(touched, redo)))
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
-        recomputing = {m.slug for m in selected.meters} | {m.slug for m in meterset.meters if m.event_type in redo}
-        update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=reingest_landing)
         if progress:
             progress(0, 1, "days")
         summary = recompute_all(storage, selected, touched, runner, progress)
         if redo:
             summary.update(recompute_all(storage, meterset, redo, runner))
         utc = (dt.datetime.combine(d, dt.time(), dt.UTC) for d in (start, end))
-        storage.delete(recompute.orphan_periods(storage, selected.meters, meterset.billing, *utc))
+        storage.delete(recompute.orphan_periods(storage, selected.meters, meterset.billing, *utc, local))
         if progress:
             progress(1, 1, "done")
         all_dates = sorted(event_files_by_date(storage))

@@ -353,7 +353,12 @@ def _stored_partials(storage: Storage, files: list[str], meters: list[Meter], wi
 
 
 def orphan_periods(
-    storage: Storage, meters: list[Meter], billing: Billing, start: dt.datetime, end: dt.datetime
+    storage: Storage,
+    meters: list[Meter],
+    billing: Billing,
+    start: dt.datetime,
+    end: dt.datetime,
+    local_dates: list[str],
 ) -> list[str]:
     """Period partitions left by an earlier billing block (another anchor, zone or period length) whose windows
     overlap [start, end): a backfill of that range rebuilds its periods under the current block, so these would
@@ -361,8 +366,10 @@ def orphan_periods(
 
     A partition is current when its window is exactly the current block's period for its key; a key can be a
     period start under both blocks (a month's first day is also a DAY period's) with another window, so the key
-    alone proves nothing. Periods are at most a month long, so only keys from 32 days before the range are read.
+    alone proves nothing. Periods are at most a month long, so only keys from 32 days before the range are read,
+    and not those of the periods just rebuilt from `local_dates` (the recompute's plan): they are current.
     """
+    rebuilt = set(period_bounds(billing, local_dates)["period_start"].to_list())
     first_key = (start - dt.timedelta(days=33)).date()
     out = []
     for meter in meters:
@@ -371,7 +378,7 @@ def orphan_periods(
                 day = dt.date.fromisoformat(name.removeprefix("period_start="))
             except ValueError:
                 continue
-            if day < first_key or day > end.date() + dt.timedelta(days=1):
+            if day < first_key or day > end.date() + dt.timedelta(days=1) or day.isoformat() in rebuilt:
                 continue
             path = period_file(meter.slug, day.isoformat())
             if not storage.exists(path):
@@ -380,7 +387,7 @@ def orphan_periods(
             window = bounds.row(0)
             first, after = period_dates(day, billing.period, billing.anchor_day)
             if window == (local_midnight(first, billing.timezone), local_midnight(after, billing.timezone)):
-                continue  # the current block's period: rebuilt (or deleted when empty) by the recompute itself
+                continue  # the current block's period, outside what was rebuilt
             if window[0] is None or (window[0] < end and window[1] > start):
                 out.append(path)
     return out
