@@ -9,10 +9,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import orjson
 import polars as pl
@@ -280,9 +282,31 @@ def _loads_leniently(line: bytes) -> object:
         return None
 
 
+def _as_polars_writes(value: object) -> object:
+    """`value` with its whole floats as the integers Polars writes for them.
+
+    Polars writes a number of a nested `data` object back as its shortest digits without a fraction or an
+    exponent (`1.0` as `1`, `1e21` as `1000000000000000000000`), so on every other line `1.0` reads as the
+    integer text `1` (README, "Text of numbers"). A re-encoded line must give the same text, or one value
+    would be two group-by values, and two UNIQUE_COUNT values, depending on an escape elsewhere in its line.
+    Minus zero stays a float: Polars writes `-0`, which reads back as `-0.0` either way.
+    """
+    if isinstance(value, dict):
+        return {k: _as_polars_writes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_polars_writes(v) for v in value]
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and value != 0:
+        return int(Decimal(repr(value)))  # the shortest digits, as Polars writes them, not the exact binary value
+    if isinstance(value, float) and value == 0 and math.copysign(1.0, value) > 0:
+        return 0
+    return value
+
+
 def _dumps(data: dict) -> str:
-    """Compact JSON text. orjson first; where it refuses (a lone surrogate, which no UTF-8 text holds; an
-    integer beyond 64 bits) Python's encoder, which keeps such characters, and every non-ASCII one, escaped."""
+    """Compact JSON text, numbers as Polars writes them (`_as_polars_writes`). orjson first; where it refuses
+    (a lone surrogate, which no UTF-8 text holds; an integer beyond 64 bits) Python's encoder, which keeps such
+    characters, and every non-ASCII one, escaped."""
+    data = _as_polars_writes(data)
     try:
         return orjson.dumps(data).decode()
     except orjson.JSONEncodeError:

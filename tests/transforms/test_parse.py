@@ -528,3 +528,35 @@ def test_struct_data_fields_named_like_helper_columns() -> None:
         "data", [{"#row": 1, "#present": None, "data": "x"}, {"#row": None, "#present": 2, "data": None}]
     )
     assert [json.loads(t) for t in struct_json(series).to_list()] == [{"#row": 1, "data": "x"}, {"#present": 2}]
+
+
+NUMBERS = ["1.0", "1e3", "-0.0", "0.1", "2.5", "1e-7", "1e21", "1.2345678901234567e18", "12345678901234567890", "1e300"]
+
+
+@pytest.mark.parametrize(
+    "escape", ["tab\\there", "\\ud83d\\ude00", "C:\\\\x"], ids=["tab", "surrogate_pair", "backslash"]
+)
+def test_number_text_does_not_depend_on_an_escape_elsewhere_in_the_line(escape: str) -> None:
+    # A line with such an escape has its data re-encoded (see test_backslashes_in_data_keep_their_meaning);
+    # its numbers must read as the same text as on a line without one, or 1.0 would be the group "1" on one
+    # event and "1.0" on the next, and count as two values for UNIQUE_COUNT.
+    texts = {}
+    for with_escape in (False, True):
+        lines = []
+        for i, number in enumerate(NUMBERS):
+            data = (
+                '{"v": '
+                + number
+                + ', "o": {"w": ['
+                + number
+                + "]}"
+                + (', "note": "' + escape + '"' if with_escape else "")
+                + "}"
+            )
+            lines.append(line(i).replace('{"tokens": ' + str(i) + "}", data))
+        records = parse_jsonl(jsonl(*lines)).records
+        texts[with_escape] = records.select(
+            pl.col("data").str.json_path_match("$.v").alias("v"), pl.col("data").str.json_path_match("$.o").alias("o")
+        ).rows()
+    assert texts[True] == texts[False]
+    assert texts[False][0] == ("1", '{"w":[1]}')  # the JSONL canonical form (README: 1.0 reads as 1)
