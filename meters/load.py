@@ -157,7 +157,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
                 f"key {key_s!r} is invalid: only letters, digits and underscores, not starting with a digit",
                 line,
             )
-        elif key_s in RESERVED_COLUMNS:
+        elif key_s.lower() in RESERVED_COLUMNS:  # in any case: DuckDB and Spark match column names that way
             bad("groupBy", f"key {key_s!r} is reserved for an output column; rename it", line)
         try:
             group_paths[key_s] = normalise_path(path)

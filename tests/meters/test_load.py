@@ -474,6 +474,15 @@ def test_group_by_key_reserved(key: str) -> None:
     assert "reserved" in problem.message and repr(key) in problem.message
 
 
+@pytest.mark.parametrize("key", ["Value", "VALUE", "Subject", "Window_Start", "Event_Count", "DATE"])
+def test_group_by_key_reserved_in_any_case(key: str) -> None:
+    # DuckDB (and Spark) read column names case-insensitively: a key `Value` beside the table's `value` made
+    # DuckDB's `value` the group text and renamed the billed value to `value_1`.
+    problem = only_problem(doc(meter(groupBy={key: "$.model"})))
+    assert_names(problem, "'m1'", "groupBy")
+    assert "reserved" in problem.message and repr(key) in problem.message
+
+
 @pytest.mark.parametrize("path", ["$.tokens", "$['tokens']", '$["tokens"]'])
 def test_group_by_path_equal_to_value_property(path: str) -> None:
     problem = only_problem(doc(meter(valueProperty="$.tokens", groupBy={"tokens": path})))
