@@ -481,3 +481,28 @@ def test_a_reingest_keeps_the_quarantine_of_a_from_scratch_run(tmp_path: Path) -
         storage, METERS, dt.date(2024, 1, 11), dt.date(2024, 1, 12), reingest_landing=True, log=lambda _: None
     )
     assert _records(storage).equals(before)
+
+
+def test_number_text_of_group_values_in_each_format(tmp_path: Path) -> None:
+    # README, "Text of numbers": JSONL writes a whole float as an integer, Parquet keeps its fraction; every
+    # other number reads the same in every format. A change to either side must change the README too.
+    storage = local_root(tmp_path)
+    numbers = ["7.0", "7e0", "7", "2.50", "1e-7", "1e21"]
+    meters = parse_meters(
+        "meters:\n  - slug: by_v\n    eventType: t\n    aggregation: COUNT\n    groupBy:\n      v: $.v\n"
+    )
+    time = "2024-01-10T10:00:00Z"
+    lines = [json.dumps(event(f"j{i}", time, type="t")).replace('"data": null', '"data": {"v": ' + n + "}")
+             for i, n in enumerate(numbers)]  # fmt: skip
+    land(storage, "a.jsonl", "\n".join(lines).encode())
+    text = pl.DataFrame([{**event(f"t{i}", time, type="t"), "data": '{"v": ' + n + "}"} for i, n in enumerate(numbers)])
+    land(storage, "text.parquet", parquet_bytes(text))
+    struct = pl.DataFrame(
+        [{**event(f"s{i}", time, type="t"), "data": {"v": float(n)}} for i, n in enumerate(numbers)],
+        schema={**dict.fromkeys(event("x", time), pl.String), "data": pl.Struct({"v": pl.Float64})},
+    )
+    land(storage, "struct.parquet", parquet_bytes(struct))
+    pipeline.run(storage, meters, log=lambda _: None)
+    got = dict(table(storage, "by_v").select("v", "value").iter_rows())
+    # JSONL: 7.0, 7e0 and 7 are "7"; Parquet text: 7.0 and 7e0 are "7.0", 7 is "7"; struct: all three "7.0"
+    assert got == {"7": 3 + 1, "7.0": 2 + 3, "2.5": 3, "1e-7": 3, "1e+21": 3}
