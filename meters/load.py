@@ -148,6 +148,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
     key_lines = (
         {str(_plain(k)): _line(k) for k, _ in group_node.value} if isinstance(group_node, yaml.MappingNode) else {}
     )
+    folded: dict[str, str] = {}  # lower-cased key -> the key as first written
     for key, path in group_by.items():
         key_s = str(key)
         line = key_lines.get(key_s)
@@ -159,6 +160,9 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
             )
         elif key_s.lower() in RESERVED_COLUMNS:  # in any case: DuckDB and Spark match column names that way
             bad("groupBy", f"key {key_s!r} is reserved for an output column; rename it", line)
+        elif key_s.lower() in folded:  # `model` and `Model`: DuckDB would read one of them as `Model_1`
+            bad("groupBy", f"key {key_s!r} differs from key {folded[key_s.lower()]!r} only in letter case", line)
+        folded.setdefault(key_s.lower(), key_s)
         try:
             group_paths[key_s] = normalise_path(path)
         except JsonPathError as exc:

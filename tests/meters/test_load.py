@@ -483,6 +483,13 @@ def test_group_by_key_reserved_in_any_case(key: str) -> None:
     assert "reserved" in problem.message and repr(key) in problem.message
 
 
+def test_group_by_keys_differing_only_in_case() -> None:
+    # Two columns `model` and `Model`: DuckDB reads the second as `Model_1`, Spark refuses the table.
+    problem = only_problem(doc(meter(groupBy={"model": "$.model", "Model": "$.m2"})))
+    assert_names(problem, "'m1'", "groupBy")
+    assert "'Model'" in problem.message and "'model'" in problem.message and "letter case" in problem.message
+
+
 @pytest.mark.parametrize("path", ["$.tokens", "$['tokens']", '$["tokens"]'])
 def test_group_by_path_equal_to_value_property(path: str) -> None:
     problem = only_problem(doc(meter(valueProperty="$.tokens", groupBy={"tokens": path})))
