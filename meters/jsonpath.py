@@ -56,4 +56,7 @@ def normalise_path(path: object) -> str:
         tree = parse(path)
     except Exception as exc:  # noqa: BLE001 - jsonpath-ng raises bare Exception besides its own errors
         raise JsonPathError(f"does not parse: {exc}") from None
-    return "$" + "".join(_steps(tree))
+    steps = _steps(tree)
+    if not steps:  # OpenMeter reads the whole object as '' (ClickHouse JSON_VALUE), Polars as its JSON text
+        raise JsonPathError("selects the whole data object, not a field; point at one field (for example $.tokens)")
+    return "$" + "".join(steps)

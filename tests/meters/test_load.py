@@ -421,6 +421,9 @@ BAD_PATHS = {
     "negative_index": ("$.items[-1]", "index"),
     "union": ("$.a | $.b", "one value"),
     "empty": ("", "non-empty"),
+    # The whole object: OpenMeter groups every event under '' (ClickHouse JSON_VALUE of an object), Polars
+    # would group by the payload's text, so the two would bill differently.
+    "root": ("$", "whole data object"),
 }
 
 
