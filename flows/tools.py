@@ -201,7 +201,7 @@ def _quarantine_frame(
     files: list[str] = []
     if meter is None and stage in (None, "file", "envelope", "dedupe"):
         files += [f.path for f in storage.list_files(f"{QUARANTINE_PREFIX}/records", (".parquet",))]
-    if stage in (None, "meter"):  # quarantine/meter/date=D/<event type>.parquet, column `meter`
+    if stage in (None, "meter"):  # quarantine/meter/date=D/data.parquet, column `meter`
         for f in storage.list_files(f"{QUARANTINE_PREFIX}/meter", (".parquet",)):
             day = f.path.split("/")[-2].removeprefix("date=")
             if since is None or day >= since:
