@@ -4,7 +4,7 @@ This package imports nothing else of meterlake's, so it can be used on its own t
 """
 
 from meters.load import MeterConfigError, Problem, load_meters, load_meters_file, parse_meters
-from meters.model import AGGREGATIONS, Billing, Meter, MeterSet, UnknownMeter
+from meters.model import AGGREGATIONS, Billing, Meter, MeterSet, UnknownMeter, is_iana_zone
 
 __all__ = [
     "AGGREGATIONS",
@@ -14,6 +14,7 @@ __all__ = [
     "MeterSet",
     "Problem",
     "UnknownMeter",
+    "is_iana_zone",
     "load_meters",
     "load_meters_file",
     "parse_meters",

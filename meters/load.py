@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import yaml
 
 from meters.jsonpath import JsonPathError, normalise_path
-from meters.model import AGGREGATIONS, PERIODS, RESERVED_COLUMNS, Billing, Meter, MeterSet
+from meters.model import AGGREGATIONS, PERIODS, RESERVED_COLUMNS, Billing, Meter, MeterSet, is_iana_zone
 
 SLUG = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 GROUP_KEY = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_]*$")
@@ -76,9 +75,7 @@ def _check_billing(node: yaml.Node, problems: list[Problem]) -> Billing:
             )
         )
         period = "MONTH"
-    try:
-        zoneinfo.ZoneInfo(str(tz))
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    if not is_iana_zone(str(tz)):
         problems.append(
             Problem(
                 _line(fields["timezone"][1]), "billing.timezone", f"unknown IANA time zone {tz!r} (e.g. Europe/Berlin)"

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zoneinfo
 from dataclasses import asdict, dataclass, field
 
 AGGREGATIONS = ("SUM", "COUNT", "UNIQUE_COUNT", "AVG", "MIN", "MAX", "LATEST")
 PERIODS = ("MONTH", "WEEK", "DAY")
 # Columns every output table has; a groupBy key may not shadow them.
 RESERVED_COLUMNS = ("subject", "window_start", "window_end", "value", "event_count", "period_start", "date")
+# Files of the system's zoneinfo folder that zoneinfo loads but that are not IANA zones: the host's own
+# setting (it differs between machines), the POSIX default rules, tzdata's "Factory" placeholder, and the
+# "posix/" and "right/" (leap-second) copies. Polars (chrono-tz, the IANA database) refuses every one of them.
+_NOT_IANA_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+def is_iana_zone(name: object) -> bool:
+    """Whether `name` is an IANA time zone that both zoneinfo and Polars know (e.g. UTC, Europe/Berlin)."""
+    if not isinstance(name, str) or name in _NOT_IANA_ZONES or name.startswith(("posix/", "right/")):
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from meters import Meter
+from meters import Meter, is_iana_zone
 from transforms.aggregate import value_expr
 from transforms.extract import extract
 from transforms.schema import TIME
@@ -71,10 +71,8 @@ class Query:
 
 
 def check_zone(tz: str) -> str:
-    try:
-        zoneinfo.ZoneInfo(tz)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
-        raise QueryError(f"invalid time zone: {tz!r} (use an IANA name such as UTC or Europe/Berlin)") from None
+    if not is_iana_zone(tz):
+        raise QueryError(f"invalid time zone: {tz!r} (use an IANA name such as UTC or Europe/Berlin)")
     return tz
 
 

@@ -575,6 +575,12 @@ def test_billing_defaults_and_explicit_values() -> None:
         ({"timezone": "CET+1"}, "billing.timezone"),
         ({"timezone": "../../etc/passwd"}, "billing.timezone"),
         ({"timezone": ""}, "billing.timezone"),
+        # files of the system's zoneinfo folder that are not IANA zones (Polars refuses them at run time)
+        ({"timezone": "localtime"}, "billing.timezone"),
+        ({"timezone": "posixrules"}, "billing.timezone"),
+        ({"timezone": "Factory"}, "billing.timezone"),
+        ({"timezone": "right/UTC"}, "billing.timezone"),
+        ({"timezone": "posix/Europe/Berlin"}, "billing.timezone"),
         ({"anchor_day": 0}, "billing.anchor_day"),
         ({"anchor_day": 32}, "billing.anchor_day"),
         ({"anchor_day": -1}, "billing.anchor_day"),
