@@ -88,6 +88,12 @@ def find_new_batches(storage: Storage) -> list[FileInfo]:
     columns = [manifest[c].to_list() for c in ("path", "size", "mtime", "etag")]
     seen = set(zip(*columns, strict=True))
     files = storage.list_files(LANDING)
+    if not files and not manifest.height:  # never silently: a mistyped --root that exists reads nothing
+        logging.getLogger(__name__).warning(
+            "%s/ holds no files and no batch was ever read here: nothing to do "
+            "(is --root the folder that holds landing/?)",
+            storage.uri(LANDING),
+        )
     unread = [f.path for f in files if not f.path.lower().endswith(BATCH_SUFFIXES)]
     if unread:  # never silently: a producer writing `.json` or `.csv` would otherwise lose every event
         shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")

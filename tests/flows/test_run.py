@@ -419,6 +419,24 @@ def test_files_with_unknown_suffixes_are_reported_not_silently_skipped(
     assert "landing/wrong.json" in caplog.text and "does not read" in caplog.text
 
 
+def test_a_root_with_nothing_landed_and_no_history_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped --root that exists (`.` or the project folder instead of `data`) must not pass silently."""
+    storage = local_root(tmp_path)
+    with caplog.at_level("WARNING", logger="flows.pipeline"):
+        assert pipeline.find_new_batches(storage) == []
+    assert "landing/" in caplog.text and "--root" in caplog.text
+    # once batches were read, an empty landing/ is normal (producers may clean up): no warning
+    land(storage, "ok.jsonl", jsonl([event("1", "2024-01-01T00:00:00Z", data={"tokens": 1})]))
+    quiet_run(storage)
+    os.remove(storage.path("landing/ok.jsonl"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flows.pipeline"):
+        assert pipeline.find_new_batches(storage) == []
+    assert "--root" not in caplog.text
+
+
 def test_latest_period_of_each_meter_is_one_it_has_rows_in(tmp_path: Path) -> None:
     """A run touching a later period for one event type only must not name that period for other meters
     (the Prefect flow's top tables read each meter's latest period and failed on a missing one)."""
