@@ -325,16 +325,29 @@ def _when(value) -> str:
     return value.isoformat(sep=" ", timespec=spec)
 
 
-def _table(columns: list[str], rows: list[list], title: str | None = None, numeric: tuple[str, ...] = ()):
+def _table(
+    columns: list[str],
+    rows: list[list],
+    title: str | None = None,
+    numeric: tuple[str, ...] = (),
+    whole: tuple[str, ...] = (),
+):
+    """A table folded to the console width; the `whole` columns (names users copy) never fold, and leave the
+    others room by collapsing the padding between columns."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     table = Table(
-        title=Text(title) if title else None, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False
+        title=Text(title) if title else None,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        expand=False,
+        collapse_padding=bool(whole),
     )
     for c in columns:
-        table.add_column(c, justify="right" if c in numeric else "left", overflow="fold")
+        table.add_column(c, justify="right" if c in numeric else "left", overflow="fold", no_wrap=c in whole)
     for row in rows:  # Text, not markup: a subject like "[bold]" is data
         table.add_row(*[Text(v if isinstance(v, str) else _num(v)) for v in row])
     return table
@@ -693,6 +706,7 @@ def status(
                 body,
                 title="last runs",
                 numeric=("batches", "stored", "quar.", "secs"),
+                whole=("run", "kind"),
             )
         )
     waiting = tools.waiting_batches(storage)

@@ -249,6 +249,26 @@ def test_status(env, capsys):
     assert_fits(out)
 
 
+def test_status_keeps_run_ids_whole(capsys, tmp_path):
+    """A backfill row widens the `kind` column; the run ids (names of `_state/runs/<run>.json`) must not fold."""
+    import datetime as dt
+
+    from flows import pipeline
+
+    storage = local_root(tmp_path)
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(METERS_YAML)
+    land(storage, "b1.jsonl", jsonl([event("1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1})]))
+    run(storage, meterset(METERS_YAML))
+    pipeline.backfill(storage, meterset(METERS_YAML), dt.date(2024, 3, 1), dt.date(2024, 4, 1), log=lambda _: None)
+    code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
+    assert code == 0, err
+    for record in storage.list_files("_state/runs"):
+        run_id = record.path.rsplit("/", 1)[-1].removesuffix(".json")
+        assert run_id in out, out
+    assert_fits(out)
+
+
 def test_report(env, capsys, tmp_path):
     pytest.importorskip("plotly")
     target = tmp_path / "r.html"
