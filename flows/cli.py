@@ -734,8 +734,24 @@ def status(
     if stale:
         console.print(
             "stale: " + ", ".join(stale) + " changed or were added after their history was built; "
-            "rebuild with `meterlake backfill --from FIRST --to END --meter SLUG`"
+            f"rebuild with `{_rebuild_command(storage, root, meters, stale)}`"
         )
+
+
+def _rebuild_command(storage, root: str, meters: str, slugs: list[str]) -> str:
+    """The backfill over every stored event date (UTC) that rebuilds `slugs`, runnable as printed."""
+    import datetime as dt
+    import shlex
+
+    days = sorted(d.removeprefix("date=") for d in storage.list_dirs("events") if d.startswith("date="))
+    if days:
+        end = dt.date.fromisoformat(days[-1]) + dt.timedelta(days=1)
+        span = ["--from", days[0], "--to", end.isoformat()]
+    else:
+        span = ["--from", "FIRST", "--to", "END"]
+    words = ["meterlake", "backfill", *span, *[w for s in slugs for w in ("--meter", s)]]
+    words += ["--root", root, "--meters", meters]
+    return shlex.join(words)
 
 
 @app.command()

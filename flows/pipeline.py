@@ -559,7 +559,8 @@ def format_summary(summary: dict) -> str:
     if summary["stale_meters"]:
         lines.append(
             "  stale: " + ", ".join(summary["stale_meters"]) + " changed or were added after their history was"
-            " built; run `meterlake backfill --meter SLUG` to rebuild it"
+            " built; rebuild with `meterlake backfill --from FIRST --to END --meter SLUG` over their whole"
+            " history (`meterlake status` prints the exact command)"
         )
     return "\n".join(lines)
 

@@ -269,6 +269,33 @@ def test_status_keeps_run_ids_whole(capsys, tmp_path):
     assert_fits(out)
 
 
+def test_status_names_the_backfill_that_rebuilds_a_stale_meter(capsys, tmp_path):
+    """The command status prints for a stale meter runs as printed and leaves nothing stale."""
+    import re
+    import shlex
+
+    storage = local_root(tmp_path)
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(METERS_YAML)
+    days = ["2024-02-28T23:00:00Z", "2024-03-05T00:00:00Z"]
+    land(
+        storage,
+        "b1.jsonl",
+        jsonl([event(f"e{i}", t, type="request", data={"duration_ms": 1}) for i, t in enumerate(days)]),
+    )
+    run(storage, meterset(METERS_YAML))
+    meters_file.write_text(METERS_YAML.replace("$.duration_ms", "$.ms"))
+    code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
+    assert code == 0, err
+    command = re.search(r"`meterlake (backfill [^`]*)`", " ".join(out.split()))
+    assert command, out
+    assert "--from 2024-02-28 --to 2024-03-06" in command.group(1) and "--meter duration" in command.group(1)
+    code, _, err = cli(capsys, *shlex.split(command.group(1)))
+    assert code == 0, err
+    code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
+    assert code == 0 and "stale" not in out, out
+
+
 def test_report(env, capsys, tmp_path):
     pytest.importorskip("plotly")
     target = tmp_path / "r.html"
