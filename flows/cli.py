@@ -216,9 +216,9 @@ def validate(file: Annotated[str, typer.Argument(help="Meters YAML file to check
     typer.echo(
         f"{file}: {len(meterset.meters)} meters OK (billing {b.period}, {b.timezone}, anchor day {b.anchor_day})"
     )
-    for m in meterset.meters:
-        groups = ", ".join(m.group_paths) or "-"
-        typer.echo(f"  {m.slug:<32} {m.aggregation:<12} {m.event_type:<20} by {groups}")
+    if meterset.meters:
+        rows = [[m.slug, m.aggregation, m.event_type, ", ".join(m.group_paths) or "-"] for m in meterset.meters]
+        _console().print(_table(["meter", "aggregation", "eventType", "groupBy"], rows, whole=("meter",)))
 
 
 @app.command()

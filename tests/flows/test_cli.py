@@ -165,6 +165,15 @@ def test_query_missing_root_is_exit_3(env, capsys, tmp_path):
 
 
 # --- validate -----------------------------------------------------------------------------------------
+def test_validate_of_a_valid_file_fits_and_names_every_meter(capsys):
+    code, out, err = cli(capsys, "validate", REPO / "data" / "meters.yaml")
+    assert code == 0, err
+    assert "18 meters OK" in out
+    for slug in ("gpu_execution_duration_seconds", "pod_execution_time", "pod_duration_latest"):
+        assert slug in out
+    assert_fits(out.split("\n", 1)[1])  # the first line names the file, as long as its path
+
+
 def test_validate_lists_every_problem_with_line_and_hint(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
