@@ -850,9 +850,9 @@ def _main(argv: list[str] | None) -> int:
         # Known errors, matched without importing their modules (flows.state would import Polars even
         # for `validate` or `--help`)
         if _raised_by(exc, "meters", "MeterConfigError"):
-            typer.echo(f"error: {exc.source}: " + "; ".join(str(p) for p in exc.problems[:5]), err=True)
-            if len(exc.problems) > 5:
-                typer.echo(f"  ... and {len(exc.problems) - 5} more; run `meterlake validate {exc.source}`", err=True)
+            more = len(exc.problems) - 5
+            tail = f"; and {more} more (run `meterlake validate {exc.source}`)" if more > 0 else ""
+            typer.echo(f"error: {exc.source}: " + "; ".join(str(p) for p in exc.problems[:5]) + tail, err=True)
             return EXIT_USER
         if _raised_by(exc, "flows.storage", "RootError"):
             typer.echo(f"error: {exc}", err=True)

@@ -204,6 +204,19 @@ def test_validate_lists_every_problem_with_line_and_hint(capsys, tmp_path):
 
 
 # --- preview, quarantine, status, report ------------------------------------------------------------
+def test_a_meters_file_with_many_problems_is_one_line_in_run(capsys, tmp_path):
+    # validate lists them all; every other command says how many more there are, on the same one line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "meters:\n" + "".join(f"  - slug: m{i}\n    eventType: t\n    aggregation: SUMM\n" for i in range(7))
+    )
+    (tmp_path / "root").mkdir()
+    code, out, err = cli(capsys, "run", "--root", tmp_path / "root", "--meters", bad)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.count("must be one of SUM") == 5 and f"and 2 more (run `meterlake validate {bad}`)" in err
+
+
 def test_preview(env, capsys, tmp_path):
     sample = tmp_path / "sample.jsonl"
     sample.write_bytes(
