@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import sys
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -223,14 +228,48 @@ def test_an_endpoint_that_is_not_an_http_url_is_a_storage_error(endpoint: str) -
     Storage("s3://bucket/x", S3Settings(endpoint_url="https://s3.example.com:9000"))  # fine
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
+def _write_is_denied(root: Path) -> None:
+    with pytest.raises(StorageError, match="access denied"):
+        Storage(str(root)).write_bytes("usage/x/data.parquet", b"x")
+
+
+def _as_unprivileged_user(check: Callable[[], None], timeout: float = 60) -> None:
+    """Run `check` in a forked child that has dropped root to `nobody` (root ignores file permissions)."""
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only, never return into pytest
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            check()
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - any failure is the test's failure
+            sys.stderr.write(f"in the unprivileged child: {exc!r}\n")
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the unprivileged child did not finish")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0, "the write was not refused as access denied (see stderr)"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
 def test_local_permission_denied_is_a_storage_error(tmp_path) -> None:
     root = tmp_path / "root"
     (root / "usage").mkdir(parents=True)
     os.chmod(root / "usage", 0o500)
     try:
-        with pytest.raises(StorageError, match="access denied"):
-            Storage(str(root)).write_bytes("usage/x/data.parquet", b"x")
+        if os.geteuid() == 0:  # as `nobody` the OS refuses already at pytest's 0700 folders: EACCES either way
+            _as_unprivileged_user(lambda: _write_is_denied(root))
+        else:
+            _write_is_denied(root)
     finally:
         os.chmod(root / "usage", 0o700)
 
