@@ -477,9 +477,11 @@ def update_fingerprints(
 
     `_state/meters.json` holds, per meter, the fingerprint of the one definition that built all its tables.
     A stale meter that is `recomputed` (by a run or a partial backfill) gets tables from two definitions:
-    it is recorded as MIXED, so going back to the old definition does not make it look current. A meter
-    absent from the meters file misses the events stored meanwhile (`events_changed`): its record is dropped,
-    so adding it back reports it as new.
+    it is recorded as MIXED, so going back to the old definition does not make it look current. A stale meter
+    that is not recomputed while events are stored (`events_changed`) is recorded as MIXED too: its old
+    definition may count those events (another event type, say) and its tables miss them. A meter absent
+    from the meters file misses the events stored meanwhile: its record is dropped, so adding it back reports
+    it as new.
     """
     stored = state.read_fingerprints(storage)
     current = meterset.fingerprints()
@@ -490,7 +492,7 @@ def update_fingerprints(
         if first_run or (rebuilt is not None and slug in rebuilt):
             stored[slug] = fp
             changed = True
-        elif slug in stored and slug in (recomputed or ()) and stored[slug] != MIXED:
+        elif slug in stored and (slug in (recomputed or ()) or events_changed) and stored[slug] != MIXED:
             stored[slug] = MIXED
             changed = True
     if events_changed:

@@ -203,3 +203,21 @@ def test_a_reingest_killed_right_after_its_commit_still_leaves_a_removed_meter_s
     monkeypatch.setattr(pipeline, "reingest", real)
     run(storage, ONLY_PROMPTS)
     assert run(storage, BOTH)["stale_meters"] == ["tokens"]
+
+
+def test_a_meter_moved_to_another_event_type_misses_the_events_of_its_old_type_stored_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """tokens counts `api` events for one run that stores only `prompt` events, so it is not recomputed: put back
+    on `prompt`, its tables miss that run's events and it must be reported stale, not current."""
+    storage = local_root(tmp_path)
+    on_api = meterset(
+        "meters:\n  - {slug: tokens, eventType: api, aggregation: SUM, valueProperty: $.v}\n"
+        "  - {slug: prompts, eventType: prompt, aggregation: COUNT}\n"
+    )
+    for i, ((name, content), meters) in enumerate(zip(BATCHES, [BOTH, on_api, BOTH], strict=True)):
+        land(storage, name, content, mtime=1_700_000_000 + 10 * i)
+        summary = run(storage, meters)
+    wrong = _differs(all_tables(storage, BOTH), _from_scratch(tmp_path, BOTH))
+    assert wrong, "the detour should have left tables that differ from a from-scratch run"
+    assert summary["stale_meters"] == ["tokens"], f"tokens/{wrong} are wrong but reported current"
