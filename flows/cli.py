@@ -734,16 +734,20 @@ def status(
     if stale:
         console.print(
             "stale: " + ", ".join(stale) + " changed or were added after their history was built; "
-            f"rebuild with `{_rebuild_command(storage, root, meters, stale)}`"
+            f"rebuild with `{_rebuild_command(storage, root, meters, meterset.select(stale))}`"
         )
 
 
-def _rebuild_command(storage, root: str, meters: str, slugs: list[str]) -> str:
-    """The backfill over every stored event date (UTC) that rebuilds `slugs`, runnable as printed."""
+def _rebuild_command(storage, root: str, meters: str, stale) -> str:
+    """The backfill over every stored event date (UTC), and every date the `stale` meters still have tables of,
+    that rebuilds them, runnable as printed."""
     import datetime as dt
     import shlex
 
-    days = sorted(d.removeprefix("date=") for d in storage.list_dirs("events") if d.startswith("date="))
+    from flows import pipeline
+
+    slugs = [m.slug for m in stale.meters]
+    days = pipeline.history_dates(storage, list(stale.meters))
     if days:
         end = dt.date.fromisoformat(days[-1]) + dt.timedelta(days=1)
         span = ["--from", days[0], "--to", end.isoformat()]

@@ -20,7 +20,7 @@ import polars as pl
 from flows import recompute, state
 from flows.recompute import EVENTS, event_file_infos_by_date, hourly_file, period_file  # noqa: F401 - re-exported
 from flows.storage import TMP, FileInfo, Storage, arrow_for_readers
-from meters import Billing, MeterSet
+from meters import Billing, Meter, MeterSet
 from transforms.dedupe import KEY, dedupe
 from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
@@ -79,6 +79,20 @@ def batch_quarantine_file(batch: str) -> str:
 
 def event_files_by_date(storage: Storage) -> dict[str, list[str]]:
     return {day: [f.path for f in infos] for day, infos in event_file_infos_by_date(storage).items()}
+
+
+def history_dates(storage: Storage, meters: list[Meter]) -> list[str]:
+    """The UTC dates a backfill must cover to rebuild these meters' whole history: every stored event date, and the
+    dates no stored event falls on any more where their hourly partitions, day partials or excluded values remain
+    (a re-ingest while a meter was absent from the meters file took those days' events away, not its files)."""
+    dates = set(event_file_infos_by_date(storage))
+    slugs = [m.slug for m in meters]
+    for day, path in recompute._partition_days(storage, meters):
+        if day in dates:
+            continue
+        if path.startswith("usage/") or storage.read_parquet([path]).filter(pl.col("meter").is_in(slugs)).height:
+            dates.add(day)
+    return sorted(dates)
 
 
 # --- finding and ingesting batches -------------------------------------------------------------------
@@ -685,7 +699,7 @@ def backfill(
         storage.delete(recompute.orphan_periods(storage, selected.meters, meterset.billing, *utc, local))
         if progress:
             progress(1, 1, "done")
-        all_dates = sorted(event_files_by_date(storage))
+        all_dates = history_dates(storage, list(selected.meters))
         covers_all = not all_dates or (all_dates[0] >= start.isoformat() and all_dates[-1] < end.isoformat())
         fps = update_fingerprints(
             storage, meterset, first_run=False, rebuilt=[m.slug for m in selected.meters] if covers_all else []

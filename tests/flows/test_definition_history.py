@@ -221,3 +221,33 @@ def test_a_meter_moved_to_another_event_type_misses_the_events_of_its_old_type_s
     wrong = _differs(all_tables(storage, BOTH), _from_scratch(tmp_path, BOTH))
     assert wrong, "the detour should have left tables that differ from a from-scratch run"
     assert summary["stale_meters"] == ["tokens"], f"tokens/{wrong} are wrong but reported current"
+
+
+def test_a_backfill_over_every_event_date_does_not_rebuild_days_whose_events_a_reingest_took_away(
+    tmp_path: Path,
+) -> None:
+    """1.jsonl is re-landed without its Jan 3 event; a re-ingest while tokens is absent takes that day's events away
+    and leaves tokens' Jan 3 hourly partition and day partial. Added back, tokens is rebuilt only by a backfill that
+    covers Jan 3 too: one over the stored event dates alone (Jan 4..5) leaves that day in its tables."""
+    storage = local_root(tmp_path)
+    land(storage, BATCHES[0][0], BATCHES[0][1], mtime=1_700_000_000)
+    run(storage, BOTH)
+    relanded = jsonl([_ev(2, 4), _ev(4, 5)])  # e1 (Jan 3) gone, a new Jan 5 event
+    land(storage, BATCHES[0][0], relanded, mtime=1_700_000_010)
+    _backfill(storage, ONLY_PROMPTS, reingest_landing=True)
+    assert run(storage, BOTH)["stale_meters"] == ["tokens"]
+    assert sorted(pipeline.event_files_by_date(storage)) == ["2024-01-04", "2024-01-05"]
+    partial = _backfill(storage, BOTH, "2024-01-04", "2024-01-06", slugs=["tokens"])
+    scratch = local_root(tmp_path, "scratch")
+    land(scratch, BATCHES[0][0], relanded, mtime=1_700_000_010)
+    run(scratch, BOTH)
+    wrong = _differs(all_tables(storage, BOTH), all_tables(scratch, BOTH))
+    assert wrong == ["tokens/period", "tokens/hourly"], "Jan 3 should still be in tokens' tables"
+    assert partial["stale_meters"] == ["tokens"], "tokens still counts Jan 3, yet is reported current"
+    from flows.cli import _rebuild_command  # what `meterlake status` prints
+
+    assert "--from 2024-01-03 --to 2024-01-06 --meter tokens" in _rebuild_command(
+        storage, "r", "m", BOTH.select(["tokens"])
+    )
+    assert _backfill(storage, BOTH, "2024-01-03", "2024-01-06", slugs=["tokens"])["stale_meters"] == []
+    assert not _differs(all_tables(storage, BOTH), all_tables(scratch, BOTH))
