@@ -733,9 +733,10 @@ def status(
     stale = table.filter(table["stale"].fill_null(False))["slug"].to_list()
     if stale:
         console.print(
-            "stale: " + ", ".join(stale) + " changed or were added after their history was built; "
-            f"rebuild with `{_rebuild_command(storage, root, meters, meterset.select(stale))}`"
+            "stale: " + ", ".join(stale) + " changed or were added after their history was built; rebuild with:"
         )
+        for line in _shell_lines(_rebuild_command(storage, root, meters, meterset.select(stale))):
+            console.print(line, soft_wrap=True)  # never folded: a fold would cut the pasted command short
 
 
 def _rebuild_command(storage, root: str, meters: str, stale) -> str:
@@ -756,6 +757,20 @@ def _rebuild_command(storage, root: str, meters: str, stale) -> str:
     words = ["meterlake", "backfill", *span, *[w for s in slugs for w in ("--meter", s)]]
     words += ["--root", root, "--meters", meters]
     return shlex.join(words)
+
+
+def _shell_lines(command: str, width: int = WIDTH) -> list[str]:
+    """`command` (shell words) as indented lines of at most `width` characters (a longer word stands alone),
+    each but the last continued with a backslash, so it still runs when pasted as printed."""
+    import shlex
+
+    lines = ["  "]
+    for word in [shlex.quote(w) for w in shlex.split(command)]:
+        if lines[-1].strip() and len(lines[-1]) + 1 + len(word) + 2 > width:  # room for " \\"
+            lines[-1] += " \\"
+            lines.append("    ")
+        lines[-1] += ("" if not lines[-1].strip() else " ") + word
+    return lines
 
 
 @app.command()

@@ -292,8 +292,8 @@ def test_status_keeps_run_ids_whole(capsys, tmp_path):
 
 
 def test_status_names_the_backfill_that_rebuilds_a_stale_meter(capsys, tmp_path):
-    """The command status prints for a stale meter runs as printed and leaves nothing stale."""
-    import re
+    """The command status prints for a stale meter runs as printed (pasted into a shell, however long the paths:
+    folded at 80 columns it lost its --root and --meters) and leaves nothing stale."""
     import shlex
 
     storage = local_root(tmp_path)
@@ -309,10 +309,16 @@ def test_status_names_the_backfill_that_rebuilds_a_stale_meter(capsys, tmp_path)
     meters_file.write_text(METERS_YAML.replace("$.duration_ms", "$.ms"))
     code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
     assert code == 0, err
-    command = re.search(r"`meterlake (backfill [^`]*)`", " ".join(out.split()))
-    assert command, out
-    assert "--from 2024-02-28 --to 2024-03-06" in command.group(1) and "--meter duration" in command.group(1)
-    code, _, err = cli(capsys, *shlex.split(command.group(1)))
+    # as a shell reads it when pasted: a line ends the command unless it ends in a backslash
+    pasted = [line for line in out.replace("\\\n", "").splitlines() if "meterlake backfill" in line]
+    assert len(pasted) == 1, out
+    words = shlex.split(pasted[0])
+    assert words[:2] == ["meterlake", "backfill"], out
+    command = shlex.join(words[1:])
+    assert "--from 2024-02-28 --to 2024-03-06" in command and "--meter duration" in command
+    assert f"--root {storage.root}" in command and f"--meters {meters_file}" in command, out
+    assert_fits(out)
+    code, _, err = cli(capsys, *words[1:])
     assert code == 0, err
     code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
     assert code == 0 and "stale" not in out, out
