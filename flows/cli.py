@@ -543,9 +543,9 @@ def preview(
             console.print(f"no _state/meters.json under {root}: nothing to compare with (never run)")
         elif changed:
             console.print(
-                "changed or new since the last run: " + ", ".join(changed) + "; their published history needs "
-                "`meterlake backfill --meter SLUG` once deployed (old definitions are not stored, so old totals "
-                "cannot be recomputed here)"
+                "changed or new since the last run: " + ", ".join(changed) + "; once deployed, their published "
+                "history needs a backfill over all of it (`meterlake status` prints the command; old definitions "
+                "are not stored, so old totals cannot be recomputed here)"
             )
         if result.removed:
             console.print("no longer defined (tables stay as published): " + ", ".join(result.removed))

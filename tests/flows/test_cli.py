@@ -234,6 +234,8 @@ def test_preview(env, capsys, tmp_path):
     assert code == 0, err
     assert "2 valid event(s), 1 record(s) rejected" in out
     assert "changed or new since the last run: duration" in out
+    # a backfill needs --from/--to: point at the command status prints, not at a bare `backfill --meter SLUG`
+    assert "`meterlake status` prints the command" in " ".join(out.split())
     assert "meter missing_value meter=duration id=b" in out and "bad_time" in out
     assert "sample.jsonl:2\n" in out and "sample.jsonl:3\n" in out  # long paths keep their end
     assert_fits(out)
