@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import re
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,6 +192,22 @@ def _normal_date(expr: pl.Expr) -> pl.Expr:
     )
 
 
+LISTED_SCAN_ATTEMPTS = 3
+
+
+def _collect_listed(build: Callable[[], pl.LazyFrame]) -> pl.DataFrame:
+    """Collect a scan of listed files, listing again if one vanished meanwhile: a run deletes quarantine files
+    of batches and days that have nothing rejected any more (docs/storage.md: lazy scans)."""
+    attempt = 1
+    while True:
+        try:
+            return build().collect()
+        except FileNotFoundError:
+            if attempt >= LISTED_SCAN_ATTEMPTS:
+                raise
+            attempt += 1
+
+
 def _quarantine_frame(
     storage: Storage, since: str | None, reason: str | None, meter: str | None, stage: str | None
 ) -> pl.LazyFrame:
@@ -238,12 +255,13 @@ def quarantine(
     >>> quarantine("data", since="2024-01-01", reason="bad_time", limit=20)
     """
     storage = open_storage(root)
-    frame = _quarantine_frame(storage, _date(since, "since"), reason, meter, stage).sort(
-        ["date", "file", "line"], nulls_last=True
-    )
-    if limit is not None:
-        frame = frame.head(limit)
-    return frame.collect()
+    since = _date(since, "since")
+
+    def build() -> pl.LazyFrame:
+        frame = _quarantine_frame(storage, since, reason, meter, stage).sort(["date", "file", "line"], nulls_last=True)
+        return frame if limit is None else frame.head(limit)
+
+    return _collect_listed(build)
 
 
 def quarantine_counts(
@@ -259,12 +277,14 @@ def quarantine_counts(
     >>> quarantine_counts("data", since="2024-01-01")
     """
     storage = open_storage(root)
-    return (
-        _quarantine_frame(storage, _date(since, "since"), reason, meter, stage)
-        .group_by("stage", "reason", "meter")
-        .agg(count=pl.len().cast(pl.Int64))
-        .sort(["count", "stage", "reason", "meter"], descending=[True, False, False, False], nulls_last=True)
-        .collect()
+    since = _date(since, "since")
+    return _collect_listed(
+        lambda: (
+            _quarantine_frame(storage, since, reason, meter, stage)
+            .group_by("stage", "reason", "meter")
+            .agg(count=pl.len().cast(pl.Int64))
+            .sort(["count", "stage", "reason", "meter"], descending=[True, False, False, False], nulls_last=True)
+        )
     )
 
 

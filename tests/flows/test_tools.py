@@ -167,6 +167,32 @@ def test_quarantine_mistakes(root):
         tools.quarantine(root, since="last week")
 
 
+@pytest.mark.parametrize("counts", [False, True])
+def test_quarantine_lists_again_when_a_file_vanishes_mid_read(tmp_path, monkeypatch, counts):
+    # A run deletes the quarantine file of a batch that has nothing rejected any more (a re-ingest), or of a
+    # day without exclusions, while `meterlake quarantine` is between its listing and its read.
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", b"not json\n")
+    land(storage, "b.jsonl", b"{also not json\n")
+    run(storage, METERS)
+    real, calls = tools._quarantine_frame, []
+
+    def racing(storage_, *args):
+        frame = real(storage_, *args)
+        if not calls:
+            storage_.delete([storage_.list_files("quarantine/records", (".parquet",))[0].path])
+        calls.append(1)
+        return frame
+
+    monkeypatch.setattr(tools, "_quarantine_frame", racing)
+    if counts:
+        got = tools.quarantine_counts(storage)["count"].to_list()
+        assert got == [1]
+    else:
+        assert tools.quarantine(storage)["reason"].to_list() == ["malformed_json"]
+    assert len(calls) == 2
+
+
 # --- status -------------------------------------------------------------------------------------------
 def test_status(root):
     runs = tools.runs(root)
