@@ -168,10 +168,10 @@ def test_quarantine_mistakes(root):
 
 
 @pytest.mark.parametrize("counts", [False, True])
-def test_quarantine_lists_again_when_a_file_vanishes_mid_read(tmp_path, monkeypatch, counts):
+def test_quarantine_lists_again_when_a_file_vanishes_mid_read(any_root, monkeypatch, counts):
     # A run deletes the quarantine file of a batch that has nothing rejected any more (a re-ingest), or of a
     # day without exclusions, while `meterlake quarantine` is between its listing and its read.
-    storage = local_root(tmp_path)
+    storage = any_root
     land(storage, "a.jsonl", b"not json\n")
     land(storage, "b.jsonl", b"{also not json\n")
     run(storage, METERS)
