@@ -735,15 +735,14 @@ def status(
         console.print(
             "stale: " + ", ".join(stale) + " changed or were added after their history was built; rebuild with:"
         )
-        for line in _shell_lines(_rebuild_command(storage, root, meters, meterset.select(stale))):
+        for line in _shell_lines(_rebuild_words(storage, root, meters, meterset.select(stale))):
             console.print(line, soft_wrap=True)  # never folded: a fold would cut the pasted command short
 
 
-def _rebuild_command(storage, root: str, meters: str, stale) -> str:
-    """The backfill over every stored event date (UTC), and every date the `stale` meters still have tables of,
-    that rebuilds them, runnable as printed."""
+def _rebuild_words(storage, root: str, meters: str, stale) -> list[str]:
+    """The backfill (shell words) over every stored event date (UTC), and every date the `stale` meters still
+    have tables of, that rebuilds them."""
     import datetime as dt
-    import shlex
 
     from flows import pipeline
 
@@ -755,17 +754,16 @@ def _rebuild_command(storage, root: str, meters: str, stale) -> str:
     else:
         span = ["--from", "FIRST", "--to", "END"]
     words = ["meterlake", "backfill", *span, *[w for s in slugs for w in ("--meter", s)]]
-    words += ["--root", root, "--meters", meters]
-    return shlex.join(words)
+    return [*words, "--root", root, "--meters", meters]
 
 
-def _shell_lines(command: str, width: int = WIDTH) -> list[str]:
-    """`command` (shell words) as indented lines of at most `width` characters (a longer word stands alone),
-    each but the last continued with a backslash, so it still runs when pasted as printed."""
+def _shell_lines(words: list[str], width: int = WIDTH) -> list[str]:
+    """A command's `words`, quoted for the shell, as indented lines of at most `width` characters (a longer word
+    stands alone), each but the last continued with a backslash, so it still runs when pasted as printed."""
     import shlex
 
     lines = ["  "]
-    for word in [shlex.quote(w) for w in shlex.split(command)]:
+    for word in map(shlex.quote, words):
         if lines[-1].strip() and len(lines[-1]) + 1 + len(word) + 2 > width:  # room for " \\"
             lines[-1] += " \\"
             lines.append("    ")

@@ -87,7 +87,7 @@ def history_dates(storage: Storage, meters: list[Meter]) -> list[str]:
     (a re-ingest while a meter was absent from the meters file took those days' events away, not its files)."""
     dates = set(event_file_infos_by_date(storage))
     slugs = [m.slug for m in meters]
-    for day, path in recompute._partition_days(storage, meters):
+    for day, path in recompute.partition_days(storage, meters):
         if day in dates:
             continue
         if path.startswith("usage/") or storage.read_parquet([path]).filter(pl.col("meter").is_in(slugs)).height:

@@ -85,7 +85,7 @@ def plan(storage: Storage, meters: list[Meter], billing: Billing, dates: list[st
     files = event_file_infos_by_date(storage)
     without_events = set(dates) - set(files)  # none in an hourly run: its new events were just stored
     if without_events:
-        without_events &= {day for day, _ in _partition_days(storage, meters)}  # those have files to delete
+        without_events &= {day for day, _ in partition_days(storage, meters)}  # those have files to delete
     touched_days = sorted((set(dates) & set(files)) | without_events)
     period_starts = sorted(set(period_bounds(billing, local_dates)["period_start"].to_list()))
     stale = _days_without_current_partials(storage, meters, billing, period_starts, set(files))
@@ -287,10 +287,10 @@ def sentinels(meter: Meter, days: list[str]) -> pl.DataFrame:
 def _existing_partitions(storage: Storage, meters: list[Meter], days: list[str]) -> set[str]:
     """Partition files of these days that exist now: what an empty result must delete, what to merge."""
     wanted = set(days)
-    return {path for day, path in _partition_days(storage, meters) if day in wanted}
+    return {path for day, path in partition_days(storage, meters) if day in wanted}
 
 
-def _partition_days(storage: Storage, meters: list[Meter]) -> list[tuple[str, str]]:
+def partition_days(storage: Storage, meters: list[Meter]) -> list[tuple[str, str]]:
     """(UTC date, path) of every day-partitioned file the meters' recompute writes."""
     found = []
     for prefix in [*(f"usage/{m.slug}/hourly" for m in meters), "quarantine/meter", PARTIALS]:

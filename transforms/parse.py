@@ -295,10 +295,8 @@ def _as_polars_writes(value: object) -> object:
         return {k: _as_polars_writes(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_as_polars_writes(v) for v in value]
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and value != 0:
+    if isinstance(value, float) and value.is_integer() and not (value == 0 and math.copysign(1.0, value) < 0):
         return int(Decimal(repr(value)))  # the shortest digits, as Polars writes them, not the exact binary value
-    if isinstance(value, float) and value == 0 and math.copysign(1.0, value) > 0:
-        return 0
     return value
 
 

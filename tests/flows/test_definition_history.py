@@ -244,10 +244,12 @@ def test_a_backfill_over_every_event_date_does_not_rebuild_days_whose_events_a_r
     wrong = _differs(all_tables(storage, BOTH), all_tables(scratch, BOTH))
     assert wrong == ["tokens/period", "tokens/hourly"], "Jan 3 should still be in tokens' tables"
     assert partial["stale_meters"] == ["tokens"], "tokens still counts Jan 3, yet is reported current"
-    from flows.cli import _rebuild_command  # what `meterlake status` prints
+    import shlex
 
-    assert "--from 2024-01-03 --to 2024-01-06 --meter tokens" in _rebuild_command(
-        storage, "r", "m", BOTH.select(["tokens"])
+    from flows.cli import _rebuild_words  # what `meterlake status` prints
+
+    assert "--from 2024-01-03 --to 2024-01-06 --meter tokens" in shlex.join(
+        _rebuild_words(storage, "r", "m", BOTH.select(["tokens"]))
     )
     assert _backfill(storage, BOTH, "2024-01-03", "2024-01-06", slugs=["tokens"])["stale_meters"] == []
     assert not _differs(all_tables(storage, BOTH), all_tables(scratch, BOTH))

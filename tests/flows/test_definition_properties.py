@@ -34,6 +34,7 @@ from flows.storage import Storage
 from meters import MeterSet, parse_meters
 
 from reference import assert_tables_match
+from support import event as cloud_event
 from support import land, local_root, table
 
 FULL_RANGE = (dt.date(2023, 12, 20), dt.date(2024, 4, 10))  # every event date, with room either side
@@ -140,15 +141,15 @@ class World:
         }
         if rng.random() < 0.1:
             del data["v"]
-        e = {
-            "specversion": "1.0",
-            "id": f"e{self.counter}",
-            "source": rng.choice(("s1", "s2")),
-            "type": type,
-            "subject": rng.choice(("c1", "c2", "c3")),
-            "time": t.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "data": data,
-        }
+        time = t.strftime("%Y-%m-%dT%H:%M:%SZ")  # source before subject: the draws keep their seeded order
+        e = cloud_event(
+            f"e{self.counter}",
+            time,
+            type=type,
+            source=rng.choice(("s1", "s2")),
+            subject=rng.choice(("c1", "c2", "c3")),
+            data=data,
+        )
         self.events.append(e)
         return e
 
