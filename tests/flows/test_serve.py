@@ -5,6 +5,8 @@ bench/fixed_cost.py, then `meterlake serve` against it with a copy of the bundle
 The test reads both deployments back from the server's REST API (schedule, concurrency limit, parameters),
 starts one run of the hourly deployment through the API and waits for the served process to execute it
 to COMPLETED, then checks the storage root has billing-period tables. Both processes are always stopped.
+prefect.yaml's deployments go the same way through its header commands: a work pool, `prefect deploy --all`
+and a process worker that executes one hourly run.
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, logs: Watched)
         time.sleep(0.25)
 
 
+def run_to_the_end(api: httpx.Client, deployment_id: str, body: dict, watched: Watched) -> dict:
+    """Create a run of the deployment, wait until it is final, require COMPLETED; the run as the API reads it."""
+    response = api.post(f"/deployments/{deployment_id}/create_flow_run", json=body)
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+
+    def final_state() -> dict | None:
+        state = api.get(f"/flow_runs/{run_id}").json()["state"]
+        return state if state and state["type"] in FINAL else None
+
+    state = wait_for(f"flow run {run_id} in a final state", final_state, RUN_TIMEOUT, watched)
+    logs = "\n".join(tail(log) for _, log in watched.values())
+    assert state["type"] == "COMPLETED", f"{state['type']}: {state.get('message')}\n{logs}"
+    return api.get(f"/flow_runs/{run_id}").json()
+
+
 @pytest.fixture
 def prefect_server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen, Path]]:
     """`prefect server start` on 127.0.0.1:<free port>; yields (API URL, PREFECT_HOME, process, log)."""
@@ -145,17 +163,7 @@ def test_serve_registers_both_deployments_and_executes_a_run(
             assert hourly["schedules"][0]["active"] is True
             assert backfill["schedules"] == []
 
-            response = api.post(f"/deployments/{hourly['id']}/create_flow_run", json={})
-            assert response.status_code == 201, response.text
-            run_id = response.json()["id"]
-
-            def final_state() -> dict | None:
-                state = api.get(f"/flow_runs/{run_id}").json()["state"]
-                return state if state and state["type"] in FINAL else None
-
-            state = wait_for(f"flow run {run_id} in a final state", final_state, RUN_TIMEOUT, watched)
-            assert state["type"] == "COMPLETED", f"{state['type']}: {state.get('message')}\n{tail(log)}"
-            run = api.get(f"/flow_runs/{run_id}").json()
+            run = run_to_the_end(api, hourly["id"], {}, watched)
             assert run["deployment_id"] == hourly["id"]
             assert run["parameters"] == params
 
@@ -170,12 +178,13 @@ def test_serve_registers_both_deployments_and_executes_a_run(
 def test_prefect_yaml_deploys_and_serve_refuses_to_take_its_deployments_over(
     tmp_path: Path, prefect_server: tuple[str, Path, subprocess.Popen, Path]
 ) -> None:
-    """prefect.yaml's header commands against a real server, then `meterlake serve` on the same server.
+    """prefect.yaml's header commands against a real server (work pool, deploy, a worker that executes a run of the
+    hourly deployment), then `meterlake serve` on the same server.
 
     serve would update the worker's deployments in place: Prefect refused that with a 422 ("provide a slug for
     each schedule") and a traceback-free but unexplained exit 1; it must say what to do, one line, exit 2.
     """
-    url, home, _, _ = prefect_server
+    url, home, server, server_log = prefect_server
     env = {**base_env(home, url), "METERLAKE_DIR": str(REPO)}
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -191,8 +200,27 @@ def test_prefect_yaml_deploys_and_serve_refuses_to_take_its_deployments_over(
             assert dep["global_concurrency_limit"]["limit"] == 1, name
             assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
 
+    # The third header command: a worker of the pool executes a run of the hourly deployment on a copy of the
+    # sample (its relative meters path is read from METERLAKE_DIR, the pull step's working directory).
     root = tmp_path / "root"
-    root.mkdir()
+    shutil.copytree(REPO / "data" / "landing", root / "landing")
+    worker_log = tmp_path / "worker.log"
+    worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}  # look for due runs every second, not 10
+    cmd = [executable("prefect"), "worker", "start", "--pool", "meterlake"]
+    with worker_log.open("ab") as out:
+        worker = subprocess.Popen(cmd, env=worker_env, cwd=tmp_path, stdout=out, stderr=out, start_new_session=True)
+    watched: Watched = {"prefect worker": (worker, worker_log), "prefect server": (server, server_log)}
+    try:
+        with httpx.Client(base_url=url, timeout=10) as api:
+            hourly = api.get("/deployments/name/meterlake-hourly/hourly").json()
+            # meters stays the deployment's relative data/meters.yaml
+            run_to_the_end(api, hourly["id"], {"parameters": {"root": str(root)}}, watched)
+    finally:
+        stop(worker, ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    slugs = {m.slug for m in load_meters_file(REPO / "data" / "meters.yaml").meters}
+    published = {p.parent.parent.parent.name for p in (root / "usage").glob("*/period/period_start=*/data.parquet")}
+    assert published == slugs, f"meters without a period table: {sorted(slugs - published)}"
+
     done = run(executable("meterlake"), "serve", "--root", str(root), "--meters", "data/meters.yaml")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
