@@ -28,6 +28,8 @@ import logging
 import os
 import random
 import re
+import socket
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -284,9 +286,12 @@ class Storage:
         return "/".join(p for p in (self.key_prefix, rel) if p)
 
     # --- error handling ------------------------------------------------------------------------
-    def _call(self, op: str, rel: str, fn: Callable[[], T]) -> T:
+    def _call(self, op: str, rel: str, fn: Callable[[], T], probe: bool = False) -> T:
         """Run one storage operation: retry transient S3 failures, turn user-fixable ones into StorageError.
 
+        `probe`: the first request of a command or run (`check_root`). An endpoint it cannot connect to at all
+        (refused, unknown host, connect timeout) is wrong or down rather than briefly busy: one line at once
+        instead of ~20 s of retries. Any later request retries it, as every other transient failure.
         FileNotFoundError and FileExistsError pass through unchanged: callers rely on them.
         """
         attempt = 1
@@ -311,7 +316,11 @@ class Storage:
                     ) from exc
                 if kind == "denied":
                     raise StorageError(f"access denied: cannot {op} {self.uri(rel)} ({detail})") from exc
-                if kind != "transient":
+                if kind == "unreachable" and probe:
+                    where, reason = _connect_failure(exc) or ("?", "?")
+                    hint = "AWS_ENDPOINT_URL and that the service is running" if self.s3.endpoint_url else "the network"
+                    raise StorageError(f"cannot connect to S3 endpoint {where} ({reason}); check {hint}") from exc
+                if kind not in ("transient", "unreachable"):
                     raise
                 if attempt >= self.retry.attempts:
                     where = self.s3.endpoint_url or "AWS S3"
@@ -342,6 +351,7 @@ class Storage:
                     "list",
                     "",
                     lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
+                    probe=True,
                 )
             except FileNotFoundError as exc:  # a 404 without S3's NoSuchBucket: some other HTTP server
                 where = self.s3.endpoint_url or "AWS S3"
@@ -680,7 +690,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 def _classify(exc: BaseException) -> tuple[str, str]:
     """(kind, short description) of an S3 failure.
 
-    Kinds: no_bucket, no_credentials, credentials, denied, transient, conflict, unsupported, other. The
+    Kinds: no_bucket, no_credentials, credentials, denied, transient, unreachable (no connection at all: refused,
+    unknown host, connect timeout, TLS or proxy failure; transient too), conflict, unsupported, other. The
     description holds the S3 error code and message, never request secrets.
     """
     for e in _chain(exc):
@@ -705,12 +716,45 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "other", detail
         if type(e).__name__ in _CREDENTIAL_ERRORS:  # raised by botocore before any request is sent
             return "no_credentials", _one_line(str(e))
+    unreachable = _connect_failure(exc)
+    if unreachable:
+        where, reason = unreachable
+        return "unreachable", _one_line(f"cannot connect to {where}: {reason}")
     for e in _chain(exc):
         if isinstance(e, _transient_types()):
             return "transient", _one_line(f"{type(e).__name__}: {e}")
     if isinstance(exc, PermissionError):
         return "denied", _one_line(str(exc))
     return "other", _one_line(str(exc))
+
+
+_NO_CONNECTION = {
+    "ConnectTimeoutError": "connection timed out",
+    "SSLError": "TLS handshake failed",
+    "ProxyConnectionError": "proxy connection failed",
+}
+
+
+def _connect_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(endpoint, reason) when no connection could be made at all (botocore's ConnectionError: refused, unknown
+    host, connect timeout, TLS, proxy), else None. The endpoint is `scheme://host:port`, without the request."""
+    try:
+        from botocore.exceptions import ConnectionError as NoConnection
+    except ImportError:
+        return None
+    failed = next((e for e in _chain(exc) if isinstance(e, NoConnection)), None)
+    if failed is None:
+        return None
+    url = urllib.parse.urlsplit(str(getattr(failed, "kwargs", {}).get("endpoint_url") or ""))
+    reason = _NO_CONNECTION.get(type(failed).__name__, type(failed).__name__)
+    for e in _chain(failed):  # the innermost cause says it best: "Connection refused", "Name or service not known"
+        if isinstance(e, ssl.SSLError):  # an OSError whose errno is the TLS library's, not the system's
+            reason = f"TLS handshake failed: {getattr(e, 'reason', None) or e}"
+        elif isinstance(e, socket.gaierror) and e.strerror:
+            reason = e.strerror
+        elif isinstance(e, OSError) and e.errno and e.errno > 0:
+            reason = os.strerror(e.errno)
+    return (f"{url.scheme}://{url.netloc}" if url.netloc else "?"), reason
 
 
 def _classify_local(exc: BaseException) -> tuple[str, str]:

@@ -80,6 +80,13 @@ def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> str
     return moto_endpoint
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound once to get a free number, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def s3_client(endpoint: str):
     import boto3
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,8 +21,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import flows.storage as storage_module
 from flows.cli import main
+from flows.storage import RetryPolicy
 
+from fixtures_s3 import closed_port
 from support import event, jsonl, land, local_root, meterset, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -438,6 +442,55 @@ def test_endpoint_that_is_not_s3_is_exit_3(env, capsys, monkeypatch):
         server.server_close()
     assert code == 3, err
     assert endpoint in err and "not look like an S3 endpoint" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["run", "status", "quarantine", "backfill", "query", "report"])
+@pytest.mark.usefixtures("fake_aws")
+def test_an_endpoint_nothing_listens_on_is_one_line_exit_3_without_retries(env, capsys, caplog, monkeypatch, command):
+    monkeypatch.setattr(storage_module, "DEFAULT_RETRY", RetryPolicy(attempts=8, first_delay=0.001, max_delay=0.001))
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    meters = ["--meters", env["meters"]]
+    args = {
+        "run": meters,
+        "status": meters,
+        "quarantine": [],
+        "backfill": [*RANGE, *meters],
+        "query": ["calls", *RANGE, *meters],
+        "report": ["calls", "--period", "2024-03", *meters],
+    }[command]
+    with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
+        code, out, err = cli(capsys, command, *args, "--root", "s3://bucket/x")
+    assert code == 3, err
+    assert err.splitlines() == [
+        f"error: cannot connect to S3 endpoint {endpoint} (Connection refused); "
+        "check AWS_ENDPOINT_URL and that the service is running"
+    ]
+    assert out == "" and caplog.records == []  # one attempt: no retry was logged
+
+
+@pytest.mark.usefixtures("fake_aws")
+def test_an_endpoint_nothing_listens_on_fails_fast_from_the_command_line(env, tmp_path):
+    """The real command line, with the default retry policy (which rides out ~20 s of trouble in a run)."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    environ = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "status", "--root", "s3://bucket/x", "--meters", env["meters"]],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: cannot connect to S3 endpoint {endpoint} (Connection refused); "
+        "check AWS_ENDPOINT_URL and that the service is running"
+    ]
+    assert proc.stdout == ""
+    assert elapsed < 10, elapsed  # it used to retry for ~20 s (process start and imports take 2-3 s)
 
 
 # --- serve checks its options before serving ----------------------------------------------------------

@@ -483,6 +483,18 @@ def test_run_rides_out_an_endpoint_restart(s3_root: str, s3_faults: FaultProxy, 
     assert_tables(storage, clean_tables)
 
 
+@pytest.mark.parametrize("status", [500, 503])  # InternalError (our retries), SlowDown (s3fs's, then ours)
+def test_the_root_check_rides_out_errors_of_an_endpoint_that_answers(
+    s3_root: str, s3_faults: FaultProxy, status: int
+) -> None:
+    """Only an endpoint that cannot be connected to fails the first check at once: answers such as 5xx and
+    throttling are retried there too, so a run does not die of one throttled request."""
+    storage = Storage(s3_root, retry=RetryPolicy(attempts=8, first_delay=0.01, max_delay=0.02))
+    s3_faults.fail_next(3, status=status)
+    storage.check_root()
+    assert s3_faults.failed == 3
+
+
 @pytest.mark.parametrize("after", [12, 60])  # early (finding batches) / late (publishing)
 def test_run_failing_for_good_fails_cleanly_and_a_rerun_is_exact(
     s3_root: str, s3_faults: FaultProxy, clean_tables: dict, after: int, monkeypatch: pytest.MonkeyPatch

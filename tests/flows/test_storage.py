@@ -6,6 +6,7 @@ Tests taking `any_root` run twice: on a local folder and on S3 (moto on loopback
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from polars.testing import assert_frame_equal
 
 from flows.storage import TMP, RetryPolicy, RootError, S3Settings, Storage, StorageError
 
-from fixtures_s3 import FAKE_KEY, FAKE_SECRET
+from fixtures_s3 import FAKE_KEY, FAKE_SECRET, closed_port
 
 
 def test_write_then_read_bytes_and_json(any_root: Storage) -> None:
@@ -226,6 +227,27 @@ def test_an_endpoint_that_is_not_an_http_url_is_a_storage_error(endpoint: str) -
     with pytest.raises(StorageError, match="is not an http:// or https:// URL"):
         Storage("s3://bucket/x", S3Settings(endpoint_url=endpoint))
     Storage("s3://bucket/x", S3Settings(endpoint_url="https://s3.example.com:9000"))  # fine
+
+
+def test_an_endpoint_nothing_listens_on_fails_the_root_check_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The first request of a command cannot connect: one attempt, one message naming the endpoint. Later
+    requests (the endpoint went away in the middle of a run) are retried in full."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    settings = S3Settings(endpoint_url=endpoint, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.001))
+    with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
+        with pytest.raises(StorageError) as failure:
+            storage.check_root()
+        assert str(failure.value) == (
+            f"cannot connect to S3 endpoint {endpoint} (Connection refused); "
+            "check AWS_ENDPOINT_URL and that the service is running"
+        )
+        assert caplog.records == []  # not one retry
+        with pytest.raises(StorageError, match="still failing after 4 attempts") as failure:
+            storage.read_bytes("a.json")
+    retries = [r.getMessage() for r in caplog.records]
+    assert len(retries) == 3, retries
+    assert all(f"failed (cannot connect to {endpoint}: Connection refused); retry" in r for r in retries), retries
 
 
 def _write_is_denied(root: Path) -> None:
