@@ -2,23 +2,57 @@
 
 Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date, meter name, option, root);
 3 storage (or the Dask scheduler) unreachable or refused; 4 another run holds the lock, or its file is damaged;
-130 and 143 stopped by Ctrl-C and SIGTERM.
+130 and 143 stopped by Ctrl-C and SIGTERM; 141 standard output closed by its reader (`| head`), quietly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import gc
+import io
 import os
+import select
 import signal
 import sys
 import threading
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+
+class OutputClosed(Exception):
+    """Standard output was closed by its reader (`meterlake ... | head`): the command stops without a word."""
+
+
+def _stdout_closed() -> bool:
+    """True when standard output is a pipe (or socket) whose reader has gone; True too when that cannot be told
+    (no poll(), no file descriptor), as Click and rich assume of every broken pipe."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+class _Commands(TyperGroup):
+    """Typer's group, telling a closed standard output from other broken pipes (Click and Typer end the command
+    with a silent exit 1 on every EPIPE)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            if _stdout_closed():
+                raise OutputClosed from None
+            raise RuntimeError(f"broken pipe: {exc}") from exc
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="meterlake: usage metering for billing. CloudEvents batches in, billing-period Parquet tables out.",
@@ -27,6 +61,7 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USER, EXIT_STORAGE, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool stopped by a closed pipe
 
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Storage root: a folder or s3://bucket/prefix.")]
 MetersOpt = Annotated[str, typer.Option("--meters", "-m", help="Meters YAML file.")]
@@ -300,11 +335,22 @@ def _user_mistakes():
         fail(str(exc))
 
 
-def _console(file=None):
+@functools.cache
+def _console_type():
     from rich.console import Console
 
-    width = min(WIDTH, Console().width) if file is None else WIDTH
-    return Console(width=width, file=file, highlight=False, markup=False, emoji=False, soft_wrap=False)
+    class QuietConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich's own exits with code 1
+            self.quiet = True
+            raise OutputClosed
+
+    return QuietConsole
+
+
+def _console(file=None):
+    console = _console_type()
+    width = min(WIDTH, console().width) if file is None else WIDTH
+    return console(width=width, file=file, highlight=False, markup=False, emoji=False, soft_wrap=False)
 
 
 def _num(value) -> str:
@@ -815,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, on_sigterm)
+    if argv is None:
+        _whole_writes()
     try:
         code = _main(argv)
     finally:
@@ -824,12 +872,41 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("meterlake: stopped by SIGTERM", err=True)
         code = 128 + signal.SIGTERM
     if argv is None:
+        try:  # now rather than at exit, where a reader gone meanwhile would print 'Exception ignored ...'
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _discard_stdout()
+            code = code or EXIT_CLOSED
         # The process is about to exit (console script or `python -m flows.cli`). Its last garbage collection
         # would visit and free every object of every imported module (Prefect's pydantic models above all):
         # 0.6-0.9 s measured with Prefect, 1-2 s after its temporary server. Frozen objects are skipped; the OS
         # frees the memory. Files are closed and flushed where they are written; atexit handlers still run.
         gc.freeze()
     return code
+
+
+def _whole_writes() -> None:
+    """With PYTHONUNBUFFERED (`python -u`, common in containers) standard output has no buffer, and a write that
+    the kernel cuts short because the reader went away is dropped without an error: the text layer ignores the
+    count. Give it a buffer, which writes the rest or raises BrokenPipeError, flushed at every line."""
+    out = sys.stdout
+    if isinstance(getattr(out, "buffer", None), io.RawIOBase):
+        sys.stdout = io.TextIOWrapper(
+            io.BufferedWriter(out.buffer),
+            encoding=out.encoding,
+            errors=out.errors,
+            line_buffering=True,
+            write_through=True,
+        )
+
+
+def _discard_stdout() -> None:
+    """Python's recipe for a closed pipe: standard output to /dev/null, so that the flush at exit does not fail
+    again ('Exception ignored ... BrokenPipeError')."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _raised_by(exc: Exception, module: str, name: str) -> bool:
@@ -858,6 +935,9 @@ def _main(argv: list[str] | None) -> int:
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.code
+    except OutputClosed:
+        _discard_stdout()
+        return EXIT_CLOSED
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:

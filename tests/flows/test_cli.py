@@ -1,8 +1,9 @@
 """The operator commands of `meterlake` (query, validate, preview, quarantine, status, report) through main().
 
-Checks exit codes (0 ok, 2 user mistake, 3 storage, 4 lock), one-line errors without tracebacks, output width,
-and `--help` examples; also the checks `run`, `backfill` and `serve` make before any work (roots, endpoints,
-dates, cron, Dask scheduler, lock file) and that SIGTERM releases a run's lock as Ctrl-C does.
+Checks exit codes (0 ok, 2 user mistake, 3 storage, 4 lock, 141 closed pipe), one-line errors without tracebacks,
+output width, and `--help` examples; also the checks `run`, `backfill` and `serve` make before any work (roots,
+endpoints, dates, cron, Dask scheduler, lock file), that SIGTERM releases a run's lock as Ctrl-C does, and that
+a closed standard output (`| head -1`) ends a command quietly.
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ def test_docs_list_every_command_and_exit_code():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
     for command in ("query", "preview", "quarantine", "status", "report", "validate"):
         assert f"meterlake {command}" in doc
-    for code in ("| 0 ", "| 1 ", "| 2 ", "| 3 ", "| 4 "):
+    for code in ("| 0 ", "| 1 ", "| 2 ", "| 3 ", "| 4 ", "| 141 "):
         assert code in doc
 
 
@@ -568,6 +569,82 @@ def test_report_period_must_be_a_real_month(env, capsys):
             capsys, "report", "duration", "--period", period, "--root", env["root"], "--meters", env["meters"]
         )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- a closed standard output (`meterlake ... | head -1`) ----------------------------------------------
+@pytest.fixture(scope="module")
+def long_output(env, tmp_path_factory) -> list[str]:
+    """--root and --meters of a root with 3000 rejected records and an event in each minute of two days: every
+    listing below prints far more than a pipe holds (64 KiB), so the command is still writing when the reader
+    goes away."""
+    storage = local_root(tmp_path_factory.mktemp("long"))
+    minutes = [f"2024-03-0{5 + i // 1440}T{i // 60 % 24:02d}:{i % 60:02d}:00Z" for i in range(2 * 1440)]
+    events = [event(f"e{i}", t, type="request", data={"duration_ms": i}) for i, t in enumerate(minutes)]
+    land(storage, "b1.jsonl", jsonl([*events, *["not json"] * 3000]))
+    run(storage, meterset(METERS_YAML))
+    return ["--root", storage.root, "--meters", env["meters"]]
+
+
+def _cut_short(args: list[str], script: str | None = None, unbuffered: bool = False) -> tuple[int, bytes, bytes]:
+    """Run the command line with standard output a pipe whose reader closes it after the first line."""
+    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "flows.cli"]
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        environ["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([*command, *args], cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, first, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["quarantine", "--limit", "3000"],  # a rich table, then plain lines
+        ["query", "calls", *RANGE, "-w", "MINUTE"],  # one large rich table
+        ["query", "calls", *RANGE, "-w", "MINUTE", "-f", "csv"],  # one large write
+    ],
+    ids=["quarantine", "query-table", "query-csv"],
+)
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_a_closed_pipe_ends_the_command_quietly(long_output, args, unbuffered):
+    """The command stops without a word and exits 141 (128 + SIGPIPE), as a Unix tool killed by SIGPIPE does:
+    not 1, which would say it failed, nor 0 (unbuffered, a write cut short used to be dropped silently), and no
+    'Exception ignored ... BrokenPipeError' at exit."""
+    if args[0] == "quarantine":
+        long_output = long_output[:2]  # quarantine takes no --meters
+    code, first, err = _cut_short([*args, *long_output], unbuffered=unbuffered)
+    assert first.strip()
+    assert (code, err.decode()) == (141, "")
+
+
+BROKEN_PIPE_ELSEWHERE = """
+import sys
+sys.path.insert(0, {repo!r})
+from flows import tools
+
+def broken(*args, **kwargs):  # as if a pipe to another process broke: standard output is fine
+    raise BrokenPipeError(32, "Broken pipe")
+
+tools.quarantine_counts = broken
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_broken_pipe_other_than_standard_output_is_an_error(long_output):
+    code, _, err = _cut_short(["quarantine", *long_output[:2]], BROKEN_PIPE_ELSEWHERE.format(repo=str(REPO)))
+    assert code == 1, err
+    assert err.decode().splitlines() == [
+        "error: unexpected RuntimeError: broken pipe: [Errno 32] Broken pipe (set METERLAKE_DEBUG=1 for a traceback)"
+    ]
 
 
 # --- the run lock: SIGTERM releases it, a damaged lock file is reported -------------------------------
