@@ -681,9 +681,9 @@ def backfill(
         result = IngestResult()
         if reingest_landing:
             result = runner.step("reingest", reingest, storage, run_id, meterset.billing, start, end)
-        dates = _days(start, end)
-        # local dates of the range, widened by a day either side so every overlapping period is rebuilt
-        local = _days(start - dt.timedelta(days=1), end + dt.timedelta(days=1))
+        # the range's dates and periods that hold anything: the others have nothing to rebuild or delete
+        scope = (storage, list(selected.meters), meterset.billing, start, end)
+        dates, local = runner.step("backfill-scope", recompute.range_scope, *scope)
         touched = {m.event_type: {"dates": dates, "local_dates": local} for m in selected.meters}
         if reingest_landing:  # and the dates outside the range where batches no run had read added events
             touched = merge_touched(touched, result.touched)

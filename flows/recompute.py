@@ -8,6 +8,7 @@ paths, day lists and row counts, never frames.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,47 @@ def plan(storage: Storage, meters: list[Meter], billing: Billing, dates: list[st
         for days, paths in _slices([(d, files.get(d, [])) for d in read_days], SLICE_BYTES)
     ]
     return Plan(slices=slices, period_starts=period_starts, touched_days=touched_days)
+
+
+def stored_days(storage: Storage, meters: list[Meter]) -> set[str]:
+    """The UTC dates where a recompute of these meters has anything to read, rewrite or delete: stored events,
+    and these meters' hourly partitions, excluded values and day partials (any meter's: the files are shared)."""
+    return set(event_file_infos_by_date(storage)) | {day for day, _ in partition_days(storage, meters)}
+
+
+def range_scope(
+    storage: Storage, meters: list[Meter], billing: Billing, start: dt.date, end: dt.date
+) -> tuple[list[str], list[str]]:
+    """What a backfill of the UTC dates [start, end) rebuilds: (UTC dates, first days of billing periods).
+
+    Of the range's dates, those in `stored_days`; of the billing periods overlapping its local dates (a day wider
+    either side, so that every period overlapping the UTC range in any zone is rebuilt), those whose window
+    overlaps a stored day or that have a published partition. Rebuilding any other date or period would write and
+    delete nothing, so they are left out: a backfill from 1678 to 2262 costs what the root holds, not 213,000
+    days and 7,000 months.
+    """
+    days = stored_days(storage, meters)
+    dates = sorted(d for d in days if start.isoformat() <= d < end.isoformat())
+    periods = {period for day in days for period in _periods_over(billing, day)}
+    for meter in meters:  # and the published periods, whatever their days hold now
+        for f in storage.list_files(f"usage/{meter.slug}/period", (".parquet",)):
+            with contextlib.suppress(ValueError):  # not a partition name of ours
+                key = dt.date.fromisoformat(f.path.split("/")[-2].removeprefix("period_start="))
+                periods.add(period_dates(key, billing.period, billing.anchor_day))
+    lowest, highest = start - dt.timedelta(days=1), end  # the range's local dates, a day wider either side
+    return dates, sorted(first.isoformat() for first, after in periods if first <= highest and after > lowest)
+
+
+def _periods_over(billing: Billing, day: str) -> set[tuple[dt.date, dt.date]]:
+    """The billing periods (first local date, first after) whose window overlaps the UTC date `day`."""
+    midnight = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
+    out = set()
+    for near in _days_around(day):  # the local dates a UTC date overlaps, in any zone
+        first, after = period_dates(dt.date.fromisoformat(near), billing.period, billing.anchor_day)
+        window = local_midnight(first, billing.timezone), local_midnight(after, billing.timezone)
+        if window[0] < midnight + dt.timedelta(days=1) and window[1] > midnight:
+            out.add((first, after))
+    return out
 
 
 def _slices(days: list[tuple[str, list[FileInfo]]], max_bytes: int) -> list[tuple[list[str], list[str]]]:
