@@ -582,11 +582,7 @@ def format_summary(summary: dict) -> str:
 
 
 # --- backfill ----------------------------------------------------------------------------------------
-def _days(start: dt.date, end: dt.date) -> list[str]:
-    return [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days)]
-
-
-def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, end: dt.date) -> IngestResult:
+def reingest(storage: Storage, run_id: str, meterset: MeterSet, start: dt.date, end: dt.date) -> IngestResult:
     """Rebuild events/ for UTC dates [start, end) from every landed batch (after a parsing fix, say).
 
     New event files are written first, then the manifest commits the run, then old files are deleted
@@ -599,7 +595,8 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     unprocessed = {f.path for f in find_new_batches(storage)}
     batches = sorted(storage.list_files(LANDING, BATCH_SUFFIXES), key=lambda f: (f.mtime, f.path))
     new, quarantine, rows, _ = read_batches(storage, batches, set())
-    in_range = pl.col("date").is_in(_days(start, end))
+    first, last = start.isoformat(), end.isoformat()
+    in_range = (pl.col("date") >= first) & (pl.col("date") < last)
     unread = pl.col("file").is_in(sorted(unprocessed))
     # Deduplicated over every date (the key holds the date, so the kept rows in range are the same): the
     # quarantine files are rewritten whole, one per batch, and must keep every batch's dropped copies.
@@ -609,16 +606,18 @@ def reingest(storage: Storage, run_id: str, billing: Billing, start: dt.date, en
     quarantine = with_duplicates(quarantine, dups)
     kept = conform(pl.concat([kept_all.filter(in_range), outside]), EVENT)
     by_date = event_files_by_date(storage)
-    old = [p for d in _days(start, end) for p in by_date.get(d, [])]
+    old = [p for d, paths in by_date.items() if first <= d < last for p in paths]
     # a batch that no longer has a rejected record must not keep the quarantine file of an earlier ingest
     rejected = set(quarantine["batch"].to_list())
     stale = {batch_quarantine_file(r["batch"]) for r in rows if r["batch"] not in rejected}
     old += [f.path for f in storage.list_files("quarantine/records", (".parquet",)) if f.path in stale]
     dates = sorted(set(kept["date"].to_list()))
     files = [event_file(d, run_id) for d in dates]
+    # the range's dates whose events or tables may change: the others hold nothing to rebuild
+    rebuilt = sorted(d for d in recompute.stored_days(storage, list(meterset.meters)) if first <= d < last)
     touched = merge_touched(
-        touched_by(kept, billing),
-        {t: {"dates": _days(start, end), "local_dates": []} for t in set(new["type"].to_list())},
+        touched_by(kept, meterset.billing),
+        {t: {"dates": rebuilt, "local_dates": []} for t in set(new["type"].to_list())},
     )
     state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=touched, deletes=old))
     write_events(storage, kept, run_id)
@@ -680,7 +679,7 @@ def backfill(
         update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=reingest_landing)
         result = IngestResult()
         if reingest_landing:
-            result = runner.step("reingest", reingest, storage, run_id, meterset.billing, start, end)
+            result = runner.step("reingest", reingest, storage, run_id, meterset, start, end)
         # the range's dates and periods that hold anything: the others have nothing to rebuild or delete
         scope = (storage, list(selected.meters), meterset.billing, start, end)
         dates, local = runner.step("backfill-scope", recompute.range_scope, *scope)
