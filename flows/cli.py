@@ -873,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 128 + signal.SIGTERM
     if argv is None:
         try:  # now rather than at exit, where a reader gone meanwhile would print 'Exception ignored ...'
-            sys.stdout.flush()
+            if sys.stdout is not None:  # None: started without standard output (`>&-`)
+                sys.stdout.flush()
         except BrokenPipeError:
             _discard_stdout()
             code = code or EXIT_CLOSED

@@ -639,6 +639,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_a_command_started_without_standard_output_still_succeeds(env, unbuffered):
+    """Started with standard output closed (`>&-`, some daemons and cron setups), Python has no sys.stdout: the
+    command's output goes nowhere, as before the closed-pipe handling, and the exit is 0, without a traceback."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        environ["PYTHONUNBUFFERED"] = "1"
+    closed = 'exec "$0" -m flows.cli validate "$1" >&-'  # the shell closes standard output, then runs Python
+    proc = subprocess.run(
+        ["sh", "-c", closed, sys.executable, env["meters"]], cwd=REPO, env=environ, stderr=subprocess.PIPE, timeout=120
+    )
+    assert (proc.returncode, proc.stderr.decode()) == (0, "")
+
+
 def test_a_broken_pipe_other_than_standard_output_is_an_error(long_output):
     code, _, err = _cut_short(["quarantine", *long_output[:2]], BROKEN_PIPE_ELSEWHERE.format(repo=str(REPO)))
     assert code == 1, err
