@@ -317,7 +317,7 @@ class Storage:
                 if kind == "denied":
                     raise StorageError(f"access denied: cannot {op} {self.uri(rel)} ({detail})") from exc
                 if kind == "unreachable" and probe:
-                    where, reason = _connect_failure(exc) or ("?", "?")
+                    where, reason, _ = _connect_failure(exc) or ("?", "?", False)
                     hint = "AWS_ENDPOINT_URL and that the service is running" if self.s3.endpoint_url else "the network"
                     raise StorageError(f"cannot connect to S3 endpoint {where} ({reason}); check {hint}") from exc
                 if kind not in ("transient", "unreachable"):
@@ -716,9 +716,11 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "other", detail
         if type(e).__name__ in _CREDENTIAL_ERRORS:  # raised by botocore before any request is sent
             return "no_credentials", _one_line(str(e))
-    unreachable = _connect_failure(exc)
-    if unreachable:
-        where, reason = unreachable
+    failure = _connect_failure(exc)
+    if failure:
+        where, reason, connected = failure
+        if connected:
+            return "transient", _one_line(f"connection to {where} failed: {reason}")
         return "unreachable", _one_line(f"cannot connect to {where}: {reason}")
     for e in _chain(exc):
         if isinstance(e, _transient_types()):
@@ -735,9 +737,12 @@ _NO_CONNECTION = {
 }
 
 
-def _connect_failure(exc: BaseException) -> tuple[str, str] | None:
-    """(endpoint, reason) when no connection could be made at all (botocore's ConnectionError: refused, unknown
-    host, connect timeout, TLS, proxy), else None. The endpoint is `scheme://host:port`, without the request."""
+def _connect_failure(exc: BaseException) -> tuple[str, str, bool] | None:
+    """(endpoint, reason, connected) of a botocore ConnectionError, else None. Not `connected`: no connection could
+    be made at all (refused, unknown host, connect timeout, TLS, proxy). `connected`: it was made, then reset or
+    broken, which aiobotocore reports as EndpointConnectionError too (aiohttp's ClientOSError rather than its
+    ClientConnectorError): the endpoint is there, and this is as transient as any other failure.
+    The endpoint is `scheme://host:port`, without the request."""
     try:
         from botocore.exceptions import ConnectionError as NoConnection
     except ImportError:
@@ -754,7 +759,17 @@ def _connect_failure(exc: BaseException) -> tuple[str, str] | None:
             reason = e.strerror
         elif isinstance(e, OSError) and e.errno and e.errno > 0:
             reason = os.strerror(e.errno)
-    return (f"{url.scheme}://{url.netloc}" if url.netloc else "?"), reason
+    return (f"{url.scheme}://{url.netloc}" if url.netloc else "?"), reason, _after_connecting(failed)
+
+
+def _after_connecting(failed: BaseException) -> bool:
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    return any(
+        isinstance(e, aiohttp.ClientOSError) and not isinstance(e, aiohttp.ClientConnectorError) for e in _chain(failed)
+    )
 
 
 def _classify_local(exc: BaseException) -> tuple[str, str]:

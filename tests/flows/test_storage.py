@@ -5,14 +5,17 @@ Tests taking `any_root` run twice: on a local folder and on S3 (moto on loopback
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -248,6 +251,51 @@ def test_an_endpoint_nothing_listens_on_fails_the_root_check_at_once(caplog: pyt
     retries = [r.getMessage() for r in caplog.records]
     assert len(retries) == 3, retries
     assert all(f"failed (cannot connect to {endpoint}: Connection refused); retry" in r for r in retries), retries
+
+
+@pytest.fixture
+def resetting_endpoint() -> Iterator[str]:
+    """An endpoint that accepts each connection, reads the request and resets the connection (RST) instead of
+    answering: something listens there (a load balancer whose backend is restarting, say)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_connection_reset_on_the_first_request_is_retried(
+    resetting_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset connection is not an endpoint that cannot be connected to: the root check retries it as every
+    other request does (botocore reports both as EndpointConnectionError)."""
+    settings = S3Settings(endpoint_url=resetting_endpoint, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.001))
+    with (
+        caplog.at_level(logging.WARNING, logger="meterlake.storage"),
+        pytest.raises(StorageError, match="still failing after 3 attempts") as failure,
+    ):
+        storage.check_root()
+    assert "cannot connect" not in str(failure.value)
+    assert f"connection to {resetting_endpoint} failed: Connection reset by peer" in str(failure.value)
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
 
 
 def _write_is_denied(root: Path) -> None:
