@@ -613,11 +613,13 @@ def reingest(storage: Storage, run_id: str, meterset: MeterSet, start: dt.date, 
     old += [f.path for f in storage.list_files("quarantine/records", (".parquet",)) if f.path in stale]
     dates = sorted(set(kept["date"].to_list()))
     files = [event_file(d, run_id) for d in dates]
-    # the range's dates whose events or tables may change: the others hold nothing to rebuild
-    rebuilt = sorted(d for d in recompute.stored_days(storage, list(meterset.meters)) if first <= d < last)
+    # The range's dates and billing periods whose events or tables may change (the others hold nothing to rebuild),
+    # for every meter: a run that finishes this re-ingest after a crash past its commit has only this record, and a
+    # period or an event type whose every event is gone from landing/ must be emptied too.
+    rebuilt, periods = recompute.range_scope(storage, list(meterset.meters), meterset.billing, start, end)
     touched = merge_touched(
         touched_by(kept, meterset.billing),
-        {t: {"dates": rebuilt, "local_dates": []} for t in set(new["type"].to_list())},
+        {m.event_type: {"dates": rebuilt, "local_dates": periods} for m in meterset.meters},
     )
     state.write_pending(storage, state.Pending(run_id=run_id, files=files, touched=touched, deletes=old))
     write_events(storage, kept, run_id)

@@ -187,3 +187,48 @@ def test_a_published_period_whose_days_hold_nothing_at_all_is_deleted_by_a_wide_
     assert storage.list_dirs("usage/tokens/period") == ["period_start=2024-01-01"]
     assert storage.list_dirs("usage/prompts/period") == ["period_start=2024-01-01"]
     assert summary["periods_recomputed"] == 2 * len(BOTH.meters)
+
+
+def test_a_reingest_killed_after_its_commit_is_finished_exactly_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-ingest commits (its events replace the range's old ones), then the backfill stops before writing
+    its own pending record: the next run finishes it from the re-ingest's record alone. February loses every
+    event, `prompt`'s and `api`'s (no landed event of that type is left): its hourly partitions, day partials and
+    periods must go, as in a from-scratch run."""
+    meters = meterset(
+        """
+meters:
+  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.v, groupBy: {model: $.model}}
+  - {slug: prompts, eventType: prompt, aggregation: COUNT}
+  - {slug: calls, eventType: api, aggregation: COUNT}
+"""
+    )
+    storage = local_root(tmp_path, "root")
+    land(storage, "a.jsonl", jsonl([*EVENTS, event("d", "2024-02-06T10:00:00Z", type="api")]), mtime=1_700_000_000)
+    run(storage, meters)
+    land(storage, "a.jsonl", jsonl(EVENTS[:2]), mtime=1_700_000_010)
+    write_pending = state.write_pending
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_backfills_own_record(storage: Storage, pending: state.Pending) -> None:
+        if not pending.files and not pending.deletes:  # the re-ingest's record lists its files
+            raise Killed
+        write_pending(storage, pending)
+
+    monkeypatch.setattr(state, "write_pending", killed_at_the_backfills_own_record)
+    with pytest.raises(Killed):
+        _backfill(storage, meters, WHOLE_HISTORY, reingest_landing=True)
+    monkeypatch.setattr(state, "write_pending", write_pending)
+    assert "2024-02-05" not in pipeline.event_files_by_date(storage)  # the re-ingest committed
+
+    run(storage, meters)
+
+    scratch = local_root(tmp_path, "scratch")
+    land(scratch, "a.jsonl", jsonl(EVENTS[:2]))
+    run(scratch, meters)
+    _assert_same_tables(storage, scratch, meters)
+    for slug in ("tokens", "prompts", "calls"):
+        assert storage.list_dirs(f"usage/{slug}/period") == scratch.list_dirs(f"usage/{slug}/period"), slug
