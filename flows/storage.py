@@ -319,7 +319,10 @@ class Storage:
                 if kind == "unreachable" and probe:
                     where, reason, _ = _connect_failure(exc) or ("?", "?", False)
                     hint = "AWS_ENDPOINT_URL and that the service is running" if self.s3.endpoint_url else "the network"
-                    raise StorageError(f"cannot connect to S3 endpoint {where} ({reason}); check {hint}") from exc
+                    what = f"S3 endpoint {where}"
+                    if where.startswith("proxy "):  # the proxy was not reached, not the endpoint
+                        hint, what = "HTTPS_PROXY, HTTP_PROXY and NO_PROXY", f"the {where} for S3"
+                    raise StorageError(f"cannot connect to {what} ({reason}); check {hint}") from exc
                 if kind not in ("transient", "unreachable"):
                     raise
                 if attempt >= self.retry.attempts:
@@ -750,7 +753,9 @@ def _connect_failure(exc: BaseException) -> tuple[str, str, bool] | None:
     failed = next((e for e in _chain(exc) if isinstance(e, NoConnection)), None)
     if failed is None:
         return None
-    url = urllib.parse.urlsplit(str(getattr(failed, "kwargs", {}).get("endpoint_url") or ""))
+    kwargs = getattr(failed, "kwargs", {})
+    proxy = kwargs.get("proxy_url")  # ProxyConnectionError: the proxy was not reached; its URL may hold credentials
+    url = urllib.parse.urlsplit(str(proxy or kwargs.get("endpoint_url") or ""))
     reason = _NO_CONNECTION.get(type(failed).__name__, type(failed).__name__)
     for e in _chain(failed):  # the innermost cause says it best: "Connection refused", "Name or service not known"
         if isinstance(e, ssl.SSLError):  # an OSError whose errno is the TLS library's, not the system's
@@ -759,7 +764,9 @@ def _connect_failure(exc: BaseException) -> tuple[str, str, bool] | None:
             reason = e.strerror
         elif isinstance(e, OSError) and e.errno and e.errno > 0:
             reason = os.strerror(e.errno)
-    return (f"{url.scheme}://{url.netloc}" if url.netloc else "?"), reason, _after_connecting(failed)
+    host = url.netloc.rpartition("@")[2]
+    where = f"{url.scheme}://{host}" if host else "?"
+    return (f"proxy {where}" if proxy else where), reason, _after_connecting(failed)
 
 
 def _after_connecting(failed: BaseException) -> bool:

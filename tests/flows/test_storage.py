@@ -253,6 +253,23 @@ def test_an_endpoint_nothing_listens_on_fails_the_root_check_at_once(caplog: pyt
     assert all(f"failed (cannot connect to {endpoint}: Connection refused); retry" in r for r in retries), retries
 
 
+def test_a_proxy_nothing_listens_on_is_named_as_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a proxy (HTTP_PROXY), the connection that fails is the proxy's: the line names it, without the
+    credentials its URL holds, and points at the proxy variables rather than at AWS_ENDPOINT_URL."""
+    port = closed_port()
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://proxyuser:proxy-secret@127.0.0.1:{port}")
+    settings = S3Settings(endpoint_url="http://s3.test:9000", region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.001))
+    with pytest.raises(StorageError) as failure:
+        storage.check_root()
+    assert str(failure.value) == (
+        f"cannot connect to the proxy http://127.0.0.1:{port} for S3 (Connection refused); "
+        "check HTTPS_PROXY, HTTP_PROXY and NO_PROXY"
+    )
+
+
 @pytest.fixture
 def resetting_endpoint() -> Iterator[str]:
     """An endpoint that accepts each connection, reads the request and resets the connection (RST) instead of
