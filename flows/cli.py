@@ -97,11 +97,12 @@ def _load(meters: str):
 
 
 def _storage(root: str):
-    """The storage at `root`, checked: a missing root is exit 3 in every command (a typo must not create one)."""
+    """The storage at `root`, checked: a missing root is exit 3 in every command (a typo must not create one), and
+    so is an S3 endpoint that cannot be connected to, at once (someone is waiting; deployment runs retry it)."""
     from flows.storage import Storage
 
     storage = Storage(root)
-    storage.check_root()
+    storage.check_root(fail_fast=True)
     return storage
 
 

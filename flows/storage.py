@@ -95,6 +95,12 @@ def _check_endpoint(endpoint: str) -> None:
         raise StorageError(
             f"S3 endpoint {endpoint!r} (AWS_ENDPOINT_URL) is not an http:// or https:// URL, e.g. http://localhost:9000"
         )
+    if "@" in parts.netloc:  # aiohttp refuses every request of such a client; never print the password
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise StorageError(
+            f"S3 endpoint {shown!r} (AWS_ENDPOINT_URL) holds a user name or password (user:password@): S3 requests are "
+            "signed with the AWS keys; remove it"
+        )
 
 
 @dataclass(frozen=True)
@@ -198,9 +204,18 @@ class S3Settings:
             opts["aws_profile"] = self.profile
         return opts
 
+    @property
+    def shown_endpoint(self) -> str:
+        """The endpoint for messages: without a `user:password@` part (botocore ignores it, logs must not show it)."""
+        if not self.endpoint_url:
+            return "AWS S3"
+        parts = urllib.parse.urlsplit(self.endpoint_url)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
     def __repr__(self) -> str:  # secrets never reach logs
+        endpoint = self.shown_endpoint if self.endpoint_url else None
         return (
-            f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+            f"S3Settings(endpoint_url={endpoint!r}, region={self.region!r}, "
             f"key={'***' if self.key else None}, secret={'***' if self.secret else None}, "
             f"token={'***' if self.token else None}, profile={self.profile!r})"
         )
@@ -289,9 +304,10 @@ class Storage:
     def _call(self, op: str, rel: str, fn: Callable[[], T], probe: bool = False) -> T:
         """Run one storage operation: retry transient S3 failures, turn user-fixable ones into StorageError.
 
-        `probe`: the first request of a command or run (`check_root`). An endpoint it cannot connect to at all
-        (refused, unknown host, connect timeout) is wrong or down rather than briefly busy: one line at once
-        instead of ~20 s of retries. Any later request retries it, as every other transient failure.
+        `probe`: the command line's first request (`check_root(fail_fast=True)`). An endpoint it cannot connect to
+        at all (refused, unknown host, connect timeout) is wrong or down rather than briefly busy, and someone is
+        waiting: one line at once instead of ~20 s of retries. Any other request retries it, as every other
+        transient failure: a scheduled run must not fail because the endpoint restarted as it began.
         FileNotFoundError and FileExistsError pass through unchanged: callers rely on them.
         """
         attempt = 1
@@ -326,7 +342,7 @@ class Storage:
                 if kind not in ("transient", "unreachable"):
                     raise
                 if attempt >= self.retry.attempts:
-                    where = self.s3.endpoint_url or "AWS S3"
+                    where = self.s3.shown_endpoint
                     raise StorageError(
                         f"storage unavailable: {op} {self.uri(rel)} still failing after {attempt} attempts ({detail});"
                         f" endpoint {where}"
@@ -345,8 +361,11 @@ class Storage:
                 attempt += 1
 
     # --- checks ------------------------------------------------------------------------------
-    def check_root(self, create: bool = False) -> None:
-        """Fail with one clear line when the root cannot be used (missing, unreachable, refused)."""
+    def check_root(self, create: bool = False, fail_fast: bool = False) -> None:
+        """Fail with one clear line when the root cannot be used (missing, unreachable, refused).
+
+        `fail_fast`: an S3 endpoint that cannot be connected to fails at once, without retries (the command line's
+        choice; see `_call`)."""
         if self.is_s3:
             prefix = f"{self.key_prefix}/" if self.key_prefix else ""
             try:
@@ -354,10 +373,10 @@ class Storage:
                     "list",
                     "",
                     lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
-                    probe=True,
+                    probe=fail_fast,
                 )
             except FileNotFoundError as exc:  # a 404 without S3's NoSuchBucket: some other HTTP server
-                where = self.s3.endpoint_url or "AWS S3"
+                where = self.s3.shown_endpoint
                 raise StorageError(
                     f"S3 endpoint {where} answered {_one_line(str(exc), 60)!r} to listing bucket {self.bucket!r}: "
                     "it does not look like an S3 endpoint (check AWS_ENDPOINT_URL)"

@@ -240,7 +240,7 @@ def test_an_endpoint_nothing_listens_on_fails_the_root_check_at_once(caplog: pyt
     storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.001))
     with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
         with pytest.raises(StorageError) as failure:
-            storage.check_root()
+            storage.check_root(fail_fast=True)
         assert str(failure.value) == (
             f"cannot connect to S3 endpoint {endpoint} (Connection refused); "
             "check AWS_ENDPOINT_URL and that the service is running"
@@ -253,6 +253,22 @@ def test_an_endpoint_nothing_listens_on_fails_the_root_check_at_once(caplog: pyt
     assert all(f"failed (cannot connect to {endpoint}: Connection refused); retry" in r for r in retries), retries
 
 
+def test_without_fail_fast_the_root_check_retries_an_endpoint_it_cannot_connect_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deployment runs check the root without fail_fast: an endpoint restarting as a scheduled run begins is
+    ridden out like any other transient failure instead of failing the run."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    settings = S3Settings(endpoint_url=endpoint, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.001))
+    with (
+        caplog.at_level(logging.WARNING, logger="meterlake.storage"),
+        pytest.raises(StorageError, match="still failing after 3 attempts"),
+    ):
+        storage.check_root()
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
+
+
 def test_a_proxy_nothing_listens_on_is_named_as_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Through a proxy (HTTP_PROXY), the connection that fails is the proxy's: the line names it, without the
     credentials its URL holds, and points at the proxy variables rather than at AWS_ENDPOINT_URL."""
@@ -263,7 +279,7 @@ def test_a_proxy_nothing_listens_on_is_named_as_the_proxy(monkeypatch: pytest.Mo
     settings = S3Settings(endpoint_url="http://s3.test:9000", region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
     storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.001))
     with pytest.raises(StorageError) as failure:
-        storage.check_root()
+        storage.check_root(fail_fast=True)
     assert str(failure.value) == (
         f"cannot connect to the proxy http://127.0.0.1:{port} for S3 (Connection refused); "
         "check HTTPS_PROXY, HTTP_PROXY and NO_PROXY"
@@ -417,6 +433,18 @@ def test_secrets_never_in_reprs() -> None:
         assert "SESSIONTOKEN123" not in text
         assert FAKE_KEY not in text
     assert "endpoint_url='http://e'" in repr(storage)
+
+
+def test_an_endpoint_password_never_reaches_a_message() -> None:
+    """A `user:password@` in AWS_ENDPOINT_URL would fail every request (aiohttp refuses it beside the AWS
+    signature): it is refused at once, and neither that message nor a repr shows the password."""
+    endpoint = "http://someone:endpoint-pass@127.0.0.1:9000"
+    settings = S3Settings(endpoint_url=endpoint, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    with pytest.raises(StorageError, match="holds a user name or password") as failure:
+        Storage("s3://bucket/x", settings)
+    assert "'http://127.0.0.1:9000'" in str(failure.value)
+    for text in (str(failure.value), repr(settings)):
+        assert "endpoint-pass" not in text and "someone" not in text, text
 
 
 def test_retry_policy_backs_off_exponentially_with_a_cap() -> None:
