@@ -40,7 +40,12 @@ class MeterConfigError(ValueError):
 
 
 def _plain(node: yaml.Node) -> Any:
-    """Turn a composed node back into Python values (safe types only)."""
+    """Turn a composed node back into Python values (safe types only), as `yaml.safe_load` would build them.
+
+    A scalar is built directly; a mapping or list through a copy (serialised and loaded again), because building
+    it in place would merge `<<` keys into the node that the checks read next."""
+    if isinstance(node, yaml.ScalarNode):
+        return yaml.constructor.SafeConstructor().construct_document(node)
     return yaml.safe_load(yaml.serialize(node))
 
 
@@ -208,7 +213,7 @@ def parse_meters(text: str, source: str = "meters file") -> MeterSet:
     """Validate a meters document; raise MeterConfigError listing every problem."""
     try:
         yaml.safe_load(text)  # unknown tags (`!foo x`) fail here, with their line, not later in _plain
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None

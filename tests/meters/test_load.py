@@ -742,3 +742,17 @@ def test_an_unknown_slug_reads_as_one_plain_line() -> None:
         meterset.get("tokenz")
     assert str(info.value) == "unknown meter 'tokenz' (known: tokens)"
     assert isinstance(info.value, UnknownMeter)
+
+
+def test_fields_left_empty_are_problems_with_their_lines() -> None:
+    """`slug:` with nothing after it is null in YAML: a problem of that field, not a parser error (it was an
+    'unexpected ParserError', exit 1, when the empty value was rebuilt from its node)."""
+    text = (
+        "billing:\n  timezone:\n"
+        "meters:\n  - slug:\n    eventType: prompt\n    aggregation: COUNT\n"
+        "  - slug: b\n    eventType:\n    aggregation:\n    valueProperty:\n    groupBy:\n      model:\n"
+    )
+    with pytest.raises(MeterConfigError) as failure:
+        parse_meters(text)
+    found = {(p.line, p.where.split()[-1]) for p in failure.value.problems}
+    assert found >= {(2, "billing.timezone"), (4, "slug"), (8, "eventType"), (9, "aggregation"), (12, "groupBy")}
