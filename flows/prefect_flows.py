@@ -24,13 +24,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import SettingsContext, get_settings_context
 from prefect.runtime import flow_run
-from prefect.settings import (
-    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-    get_current_settings,
-    temporary_settings,
-)
+from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import pipeline
@@ -177,15 +173,22 @@ def command_line_settings() -> Iterator[None]:
       (e.g. 180) to keep them.
     - the wait for Prefect's temporary server is raised to TEMPORARY_SERVER_STARTUP_TIMEOUT seconds.
     """
-    settings = get_current_settings()
-    ephemeral = settings.server.ephemeral
-    updates: dict[Any, Any] = {}
-    if "heartbeat_frequency" not in settings.flows.model_fields_set:
-        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    context = get_settings_context()
+    settings = context.settings
+    flows, server = settings.flows, settings.server
+    if "heartbeat_frequency" not in flows.model_fields_set:
+        flows = flows.model_copy(update={"heartbeat_frequency": None})
+    ephemeral = server.ephemeral
     if will_start_temporary_server() and "startup_timeout_seconds" not in ephemeral.model_fields_set:
         timeout = max(ephemeral.startup_timeout_seconds, TEMPORARY_SERVER_STARTUP_TIMEOUT)
-        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = timeout
-    with temporary_settings(updates=updates):
+        server = server.model_copy(
+            update={"ephemeral": ephemeral.model_copy(update={"startup_timeout_seconds": timeout})}
+        )
+    # Copies of the current values, as prefect.settings.temporary_settings would make them, but without reading
+    # every setting from the environment again (0.15-0.2 s of a run that finds nothing new).
+    with SettingsContext(
+        profile=context.profile, settings=settings.model_copy(update={"flows": flows, "server": server})
+    ):
         yield
 
 
