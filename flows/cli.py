@@ -789,8 +789,6 @@ def status(
 def _rebuild_words(storage, root: str, meters: str, stale) -> list[str]:
     """The backfill (shell words) over every stored event date (UTC), and every date the `stale` meters still
     have tables of, that rebuilds them."""
-    import datetime as dt
-
     from flows import pipeline
 
     slugs = [m.slug for m in stale.meters]

@@ -120,12 +120,21 @@ def range_scope(
     dates = sorted(d for d in days if start.isoformat() <= d < end.isoformat())
     periods = {period for day in days for period in _periods_over(billing, day)}
     for meter in meters:  # and the published periods, whatever their days hold now
-        for f in storage.list_files(f"usage/{meter.slug}/period", (".parquet",)):
-            with contextlib.suppress(ValueError):  # not a partition name of ours
-                key = dt.date.fromisoformat(f.path.split("/")[-2].removeprefix("period_start="))
-                periods.add(period_dates(key, billing.period, billing.anchor_day))
+        for key in published_period_keys(storage, meter.slug):
+            periods.add(period_dates(key, billing.period, billing.anchor_day))
     lowest, highest = start - dt.timedelta(days=1), end  # the range's local dates, a day wider either side
     return dates, sorted(first.isoformat() for first, after in periods if first <= highest and after > lowest)
+
+
+def published_period_keys(storage: Storage, slug: str) -> list[dt.date]:
+    """The `period_start` keys of the meter's published period partitions (folders holding their data file)."""
+    keys = []
+    for f in storage.list_files(f"usage/{slug}/period", (".parquet",)):
+        with contextlib.suppress(ValueError):  # not a partition name of ours
+            key = dt.date.fromisoformat(f.path.split("/")[-2].removeprefix("period_start="))
+            if f.path == period_file(slug, key.isoformat()):
+                keys.append(key)
+    return keys
 
 
 def _periods_over(billing: Billing, day: str) -> set[tuple[dt.date, dt.date]]:
@@ -415,16 +424,10 @@ def orphan_periods(
     first_key = (start - dt.timedelta(days=33)).date()
     out = []
     for meter in meters:
-        for name in storage.list_dirs(f"usage/{meter.slug}/period"):
-            try:
-                day = dt.date.fromisoformat(name.removeprefix("period_start="))
-            except ValueError:
-                continue
+        for day in published_period_keys(storage, meter.slug):
             if day < first_key or day > end.date() + dt.timedelta(days=1) or day.isoformat() in rebuilt:
                 continue
             path = period_file(meter.slug, day.isoformat())
-            if not storage.exists(path):
-                continue
             bounds = storage.read_parquet([path]).select(pl.col("window_start").min(), pl.col("window_end").max())
             window = bounds.row(0)
             first, after = period_dates(day, billing.period, billing.anchor_day)

@@ -83,6 +83,12 @@ def _check_root(root: str) -> None:
         raise RootError(f"storage root {root!r} has an empty folder name ('//'); use s3://bucket/prefix/sub")
 
 
+def _without_userinfo(url: str) -> str:
+    """`url` without a `user:password@` part, for messages: credentials in a URL must never be printed."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _check_endpoint(endpoint: str) -> None:
     """botocore refuses an endpoint without http(s):// only when its first request is made: say so at once."""
     try:
@@ -96,9 +102,8 @@ def _check_endpoint(endpoint: str) -> None:
             f"S3 endpoint {endpoint!r} (AWS_ENDPOINT_URL) is not an http:// or https:// URL, e.g. http://localhost:9000"
         )
     if "@" in parts.netloc:  # aiohttp refuses every request of such a client; never print the password
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         raise StorageError(
-            f"S3 endpoint {shown!r} (AWS_ENDPOINT_URL) holds a user name or password (user:password@): S3 requests are "
+            f"S3 endpoint {_without_userinfo(endpoint)!r} (AWS_ENDPOINT_URL) holds a user name or password (user:password@): S3 requests are "
             "signed with the AWS keys; remove it"
         )
 
@@ -207,10 +212,7 @@ class S3Settings:
     @property
     def shown_endpoint(self) -> str:
         """The endpoint for messages: without a `user:password@` part (botocore ignores it, logs must not show it)."""
-        if not self.endpoint_url:
-            return "AWS S3"
-        parts = urllib.parse.urlsplit(self.endpoint_url)
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return _without_userinfo(self.endpoint_url) if self.endpoint_url else "AWS S3"
 
     def __repr__(self) -> str:  # secrets never reach logs
         endpoint = self.shown_endpoint if self.endpoint_url else None
@@ -783,8 +785,8 @@ def _connect_failure(exc: BaseException) -> tuple[str, str, bool] | None:
             reason = e.strerror
         elif isinstance(e, OSError) and e.errno and e.errno > 0:
             reason = os.strerror(e.errno)
-    host = url.netloc.rpartition("@")[2]
-    where = f"{url.scheme}://{host}" if host else "?"
+    shown = _without_userinfo(f"{url.scheme}://{url.netloc}")
+    where = "?" if shown.endswith("://") else shown
     return (f"proxy {where}" if proxy else where), reason, _after_connecting(failed)
 
 

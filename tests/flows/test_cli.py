@@ -585,13 +585,18 @@ def long_output(env, tmp_path_factory) -> list[str]:
     return ["--root", storage.root, "--meters", env["meters"]]
 
 
+def _environ(unbuffered: bool) -> dict[str, str]:
+    """This process's environment, with PYTHONUNBUFFERED set only when asked (this machine sets it)."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**environ, "PYTHONUNBUFFERED": "1"} if unbuffered else environ
+
+
 def _cut_short(args: list[str], script: str | None = None, unbuffered: bool = False) -> tuple[int, bytes, bytes]:
     """Run the command line with standard output a pipe whose reader closes it after the first line."""
     command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "flows.cli"]
-    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    if unbuffered:
-        environ["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen([*command, *args], cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*command, *args], cwd=REPO, env=_environ(unbuffered), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         first = proc.stdout.readline()
         proc.stdout.close()
@@ -643,9 +648,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_command_started_without_standard_output_still_succeeds(env, unbuffered):
     """Started with standard output closed (`>&-`, some daemons and cron setups), Python has no sys.stdout: the
     command's output goes nowhere, as before the closed-pipe handling, and the exit is 0, without a traceback."""
-    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    if unbuffered:
-        environ["PYTHONUNBUFFERED"] = "1"
+    environ = _environ(unbuffered)
     closed = 'exec "$0" -m flows.cli validate "$1" >&-'  # the shell closes standard output, then runs Python
     proc = subprocess.run(
         ["sh", "-c", closed, sys.executable, env["meters"]], cwd=REPO, env=environ, stderr=subprocess.PIPE, timeout=120
