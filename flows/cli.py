@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import gc
 import io
 import os
@@ -40,7 +39,8 @@ def _stdout_closed() -> bool:
 
 class _Commands(TyperGroup):
     """Typer's group, telling a closed standard output from other broken pipes (Click and Typer end the command
-    with a silent exit 1 on every EPIPE)."""
+    with a silent exit 1 on every EPIPE). Writes through sys.stdout already raise OutputClosed (`_Stdout`); this
+    catches the rest (a write to its file descriptor or its binary buffer)."""
 
     def invoke(self, ctx):
         try:
@@ -49,6 +49,49 @@ class _Commands(TyperGroup):
             if _stdout_closed():
                 raise OutputClosed from None
             raise RuntimeError(f"broken pipe: {exc}") from exc
+
+
+class _Stdout:
+    """Standard output while the command line runs: a write or flush that fails because the reader went away raises
+    OutputClosed instead of BrokenPipeError, which Click, Typer and rich each turn into a silent exit 1 before our
+    handler sees it (rich in every console, Typer's help and `meterlake` alone among them, Prefect's banner in
+    `serve`, the progress bar of `backfill`). Everything else is the stream's own."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _guarded_stdout():
+    """sys.stdout as `_Stdout` for the time of the block (not at all without standard output, `>&-`)."""
+    stream = sys.stdout
+    if stream is None:
+        yield
+        return
+    sys.stdout = _Stdout(stream)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
 
 
 app = typer.Typer(
@@ -336,22 +379,12 @@ def _user_mistakes():
         fail(str(exc))
 
 
-@functools.cache
-def _console_type():
+def _console(file=None):
+    """A rich console on standard output (a closed one raises OutputClosed through `_Stdout`) or on `file`."""
     from rich.console import Console
 
-    class QuietConsole(Console):
-        def on_broken_pipe(self) -> None:  # rich's own exits with code 1
-            self.quiet = True
-            raise OutputClosed
-
-    return QuietConsole
-
-
-def _console(file=None):
-    console = _console_type()
-    width = min(WIDTH, console().width) if file is None else WIDTH
-    return console(width=width, file=file, highlight=False, markup=False, emoji=False, soft_wrap=False)
+    width = min(WIDTH, Console().width) if file is None else WIDTH
+    return Console(width=width, file=file, highlight=False, markup=False, emoji=False, soft_wrap=False)
 
 
 def _num(value) -> str:
@@ -929,7 +962,8 @@ def _usage_message(exc) -> str:
 
 def _main(argv: list[str] | None) -> int:
     try:
-        code = app(args=argv, standalone_mode=False)
+        with _guarded_stdout():
+            code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:  # a command's `raise typer.Exit(n)` comes back as a return value
             return code
     except UserError as exc:

@@ -23,6 +23,7 @@ import polars as pl
 import pytest
 
 import flows.storage as storage_module
+from flows import tools
 from flows.cli import main
 from flows.storage import RetryPolicy
 
@@ -662,6 +663,52 @@ def test_a_broken_pipe_other_than_standard_output_is_an_error(long_output):
     assert err.decode().splitlines() == [
         "error: unexpected RuntimeError: broken pipe: [Errno 32] Broken pipe (set METERLAKE_DEBUG=1 for a traceback)"
     ]
+
+
+def _into_a_closed_pipe(
+    args: list[str], closed: tuple[str, ...] = ("stdout",), unbuffered: bool = False, cwd: Path = REPO
+) -> tuple[int, bytes, bytes]:
+    """Run the command line with the `closed` streams a pipe whose reader is gone before the command starts: the
+    first write fails, however short the output (a reader that reads a line lets a short one all fit in the pipe)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    streams = {name: write_end if name in closed else subprocess.PIPE for name in ("stdout", "stderr")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=cwd,
+            env={**_environ(unbuffered), "PYTHONPATH": str(REPO)},
+            timeout=120,
+            **streams,
+        )
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stdout or b"", proc.stderr or b""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], [], ["query", "--help"], ["serve", "--help"]],
+    ids=["help", "no-command", "query-help", "serve-help"],
+)
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_help_into_a_closed_pipe_ends_quietly(args, unbuffered):
+    """`meterlake --help | true`: Typer writes the help with a rich console, whose own broken-pipe handling ended
+    the process with a silent exit 1 before the command line's could say 141."""
+    code, _, err = _into_a_closed_pipe(args, unbuffered=unbuffered)
+    assert (code, err.decode()) == (141, "")
+
+
+def test_backfill_into_a_closed_pipe_commits_then_ends_quietly(env, tmp_path):
+    """backfill prints its summary inside its progress bar, whose rich console ended it with exit 1."""
+    storage = local_root(tmp_path)
+    land(storage, "b1.jsonl", jsonl([event("e1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 5})]))
+    run(storage, meterset(METERS_YAML))
+    args = ["backfill", *RANGE, "--root", storage.root, "--meters", env["meters"]]
+    code, _, err = _into_a_closed_pipe(args)
+    assert (code, err.decode()) == (141, "")
+    runs = tools.runs(storage, last=1).to_dicts()
+    assert [(r["kind"], r["status"]) for r in runs] == [("backfill", "ok")]  # done before the summary was cut
 
 
 # --- the run lock: SIGTERM releases it, a damaged lock file is reported -------------------------------

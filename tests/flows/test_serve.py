@@ -226,3 +226,36 @@ def test_prefect_yaml_deploys_and_serve_refuses_to_take_its_deployments_over(
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and "'meterlake-hourly/hourly'" in lines[0], lines
     assert "prefect deployment delete 'meterlake-hourly/hourly'" in lines[0]
+
+
+# --- serve without a Prefect server of its own (Prefect's temporary server) -------------------------------
+@pytest.fixture(scope="module")
+def temporary_server_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PREFECT_HOME for `meterlake serve` without PREFECT_API_URL, which starts Prefect's temporary server (its
+    database is created by the first test, reused by the next)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def test_serve_into_a_closed_pipe_ends_quietly(tmp_path: Path, temporary_server_home: Path) -> None:
+    """Prefect prints its banner ('Your deployments are being served ...') with a rich console of its own, whose
+    broken-pipe handling ended serve with a silent exit 1; as every command, it stops quietly with 141."""
+    (tmp_path / "root").mkdir()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before serve writes anything
+    log = tmp_path / "serve.log"
+    cmd = [executable("meterlake"), "serve", "--root", str(tmp_path / "root"), "--meters", "data/meters.yaml"]
+    try:
+        with log.open("ab") as err:
+            serve = subprocess.Popen(
+                cmd, env=base_env(temporary_server_home), cwd=REPO, stdout=write_end, stderr=err, start_new_session=True
+            )
+    finally:
+        os.close(write_end)
+    try:
+        serve.wait(timeout=DEPLOY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"meterlake serve kept running with its standard output closed\n{tail(log)}")
+    finally:
+        stop(serve, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    assert serve.returncode == 141, tail(log)
+    assert "Traceback" not in log.read_text(), tail(log)
