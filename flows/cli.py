@@ -122,6 +122,15 @@ def fail(message: str, code: int = EXIT_USER) -> None:
     raise UserError(message, code)
 
 
+def _say(message: str) -> None:
+    """A line on standard error. A closed standard error (a pipe whose reader went away) loses the line, not the
+    exit code: no traceback, no 'Exception ignored' at exit; the command goes on or ends as it would."""
+    try:
+        typer.echo(message, err=True)
+    except BrokenPipeError:
+        _discard(sys.stderr)
+
+
 def parse_date(value: str, option: str) -> dt.date:
     from transforms.query import parse_day
 
@@ -183,7 +192,7 @@ def _before_flow_run(prefect_flows, dask: str | None = None) -> None:
             "`prefect server start`), or run without --prefect, --dask and --workers"
         )
     if prefect_flows.will_start_temporary_server():
-        typer.echo(TEMPORARY_SERVER_NOTICE, err=True)
+        _say(TEMPORARY_SERVER_NOTICE)
 
 
 @app.command()
@@ -287,9 +296,9 @@ def validate(file: Annotated[str, typer.Argument(help="Meters YAML file to check
     try:
         meterset = load_meters_file(file)
     except MeterConfigError as exc:
-        typer.echo(f"{exc.source}: {len(exc.problems)} problem(s)", err=True)
+        _say(f"{exc.source}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
+            _say(f"  {problem}")
         raise typer.Exit(EXIT_USER) from None
     b = meterset.billing
     typer.echo(
@@ -569,7 +578,7 @@ def query(
         if out:
             _write_out(out, buf.getvalue().encode())
     if out:
-        typer.echo(f"wrote {df.height} row(s) to {out}", err=True)
+        _say(f"wrote {df.height} row(s) to {out}")
 
 
 def _zone(tz: str):
@@ -901,14 +910,14 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if terminated:
-        typer.echo("meterlake: stopped by SIGTERM", err=True)
+        _say("meterlake: stopped by SIGTERM")
         code = 128 + signal.SIGTERM
     if argv is None:
         try:  # now rather than at exit, where a reader gone meanwhile would print 'Exception ignored ...'
             if sys.stdout is not None:  # None: started without standard output (`>&-`)
                 sys.stdout.flush()
         except BrokenPipeError:
-            _discard_stdout()
+            _discard(sys.stdout)
             code = code or EXIT_CLOSED
         # The process is about to exit (console script or `python -m flows.cli`). Its last garbage collection
         # would visit and free every object of every imported module (Prefect's pydantic models above all):
@@ -933,12 +942,12 @@ def _whole_writes() -> None:
         )
 
 
-def _discard_stdout() -> None:
-    """Python's recipe for a closed pipe: standard output to /dev/null, so that the flush at exit does not fail
-    again ('Exception ignored ... BrokenPipeError')."""
+def _discard(stream) -> None:
+    """Python's recipe for a closed pipe: the stream (standard output or error) to /dev/null, so that the flush at
+    exit does not fail again ('Exception ignored ... BrokenPipeError', exit 120)."""
     with contextlib.suppress(AttributeError, OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
         os.close(devnull)
 
 
@@ -967,15 +976,15 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(code, int) and code:  # a command's `raise typer.Exit(n)` comes back as a return value
             return code
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        _say(f"error: {exc}")
         return exc.code
     except OutputClosed:
-        _discard_stdout()
+        _discard(sys.stdout)
         return EXIT_CLOSED
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
-        typer.echo("aborted", err=True)
+        _say("aborted")
         return EXIT_FAIL
     except Exception as exc:
         # Known errors, matched without importing their modules (flows.state would import Polars even
@@ -983,28 +992,28 @@ def _main(argv: list[str] | None) -> int:
         if _raised_by(exc, "meters", "MeterConfigError"):
             more = len(exc.problems) - 5
             tail = f"; and {more} more (run `meterlake validate {exc.source}`)" if more > 0 else ""
-            typer.echo(f"error: {exc.source}: " + "; ".join(str(p) for p in exc.problems[:5]) + tail, err=True)
+            _say(f"error: {exc.source}: " + "; ".join(str(p) for p in exc.problems[:5]) + tail)
             return EXIT_USER
         if _raised_by(exc, "flows.storage", "RootError"):
-            typer.echo(f"error: {exc}", err=True)
+            _say(f"error: {exc}")
             return EXIT_USER
         if _raised_by(exc, "flows.storage", "StorageError"):
-            typer.echo(f"error: {exc}", err=True)
+            _say(f"error: {exc}")
             return EXIT_STORAGE
         if _raised_by(exc, "flows.state", "LockHeld"):
-            typer.echo(f"meterlake: {exc}", err=True)
+            _say(f"meterlake: {exc}")
             return EXIT_LOCKED
         # Click's errors, matched by name: recent Typer versions carry their own copy of Click
         kinds = {c.__name__ for c in type(exc).__mro__}
         if "NoArgsIsHelpError" in kinds:  # `meterlake` alone: the help text
-            exc.show()
+            _say(exc.format_message())
             return EXIT_USER
         if "ClickException" in kinds:  # usage errors: one line, as every other mistake
-            typer.echo(f"error: {_usage_message(exc)}", err=True)
+            _say(f"error: {_usage_message(exc)}")
             return EXIT_USER
         if os.environ.get("METERLAKE_DEBUG"):
             raise
-        typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (set METERLAKE_DEBUG=1 for a traceback)", err=True)
+        _say(f"error: unexpected {type(exc).__name__}: {exc} (set METERLAKE_DEBUG=1 for a traceback)")
         return EXIT_FAIL
     return EXIT_OK
 

@@ -711,6 +711,32 @@ def test_backfill_into_a_closed_pipe_commits_then_ends_quietly(env, tmp_path):
     assert [(r["kind"], r["status"]) for r in runs] == [("backfill", "ok")]  # done before the summary was cut
 
 
+@pytest.mark.parametrize(
+    ("closed", "unbuffered"),
+    [(("stderr",), False), (("stderr",), True), (("stdout", "stderr"), False)],
+    ids=["stderr", "stderr-PYTHONUNBUFFERED", "stdout-and-stderr"],
+)
+@pytest.mark.parametrize("case", ["usage", "validate", "storage", "query-out"])
+def test_a_closed_standard_error_loses_the_message_not_the_exit_code(env, tmp_path, case, closed, unbuffered):
+    """A message that cannot be written to standard error (its reader gone) used to end the command with the
+    traceback of that failure, itself unwritable: exit 1, or 120 when the flush at exit failed too. Now the
+    message is lost and the exit code is the command's own."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("meters:\n  - slug: Bad\n")
+    out = tmp_path / "q.csv"
+    args, expected = {
+        "usage": (["run", "--bogus"], 2),  # Click's error, printed by the command line's handler
+        "validate": (["validate", str(bad)], 2),  # the problems, printed by the command itself
+        "storage": (["status", "--root", str(tmp_path / "missing")], 3),
+        "query-out": (["query", "duration", *RANGE, "-f", "csv", "-o", str(out), "--root", env["root"]], 0),
+    }[case]
+    if case == "query-out":
+        args += ["--meters", env["meters"]]
+    code, stdout, _ = _into_a_closed_pipe(args, closed, unbuffered)
+    assert (code, stdout) == (expected, b"")
+    assert case != "query-out" or out.read_text().startswith("window_start")  # its 'wrote ...' line is lost
+
+
 # --- the run lock: SIGTERM releases it, a damaged lock file is reported -------------------------------
 SLOW_RUN = """
 import pathlib, sys, time
