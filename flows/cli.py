@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date, meter name, option, root);
 3 storage (or the Dask scheduler) unreachable or refused; 4 another run holds the lock, or its file is damaged;
-130 and 143 stopped by Ctrl-C and SIGTERM; 141 standard output closed by its reader (`| head`), quietly.
+130 and 143 stopped by Ctrl-C and SIGTERM (`serve`, once serving, stops cleanly with 0); 141 standard output closed
+by its reader (`| head`), quietly.
 """
 
 from __future__ import annotations
@@ -317,6 +318,8 @@ def serve(
 ) -> None:
     """Serve the hourly schedule and the backfill deployment in this process (Prefect's flow.serve).
 
+    Ctrl-C or SIGTERM stops it cleanly (schedules paused) with exit 0.
+
     Example: meterlake serve --root s3://bucket/meterlake --cron "5 * * * *"
     """
     _load(meters)
@@ -337,10 +340,19 @@ def serve(
     _refuse_work_pool_deployments(["meterlake-hourly/hourly", "meterlake-backfill/backfill"])
     one = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     params = {"root": root, "meters": os.path.abspath(meters)}
-    prefect_serve(
-        hourly_flow.to_deployment(name="hourly", cron=cron, parameters=params, concurrency_limit=one),
-        backfill_flow.to_deployment(name="backfill", parameters=params, concurrency_limit=one),
-    )
+    # Once serving, Ctrl-C and SIGTERM are the way a service is stopped (systemd, docker stop, Kubernetes), not an
+    # interruption of work as in `run`: the runner stops, pauses the schedules, and serve exits 0. An exit code of
+    # 143 would leave a systemd unit "failed" after `systemctl stop` (its clean statuses are 0 and death by the
+    # signal). Prefect's runner catches Ctrl-C and ends SIGTERM with sys.exit(0) (its handler replaces main's
+    # while it runs); that exit is taken here, so that the command line ends as after any command.
+    try:
+        prefect_serve(
+            hourly_flow.to_deployment(name="hourly", cron=cron, parameters=params, concurrency_limit=one),
+            backfill_flow.to_deployment(name="backfill", parameters=params, concurrency_limit=one),
+        )
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
 
 
 def _refuse_work_pool_deployments(names: list[str]) -> None:

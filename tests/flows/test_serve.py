@@ -236,19 +236,23 @@ def temporary_server_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("prefect-home")
 
 
+def serve_on_a_temporary_server(tmp_path: Path, home: Path, stdout: int) -> tuple[subprocess.Popen, Path]:
+    """`meterlake serve` on an empty root, its own session, standard error to a log; (process, log)."""
+    (tmp_path / "root").mkdir()
+    log = tmp_path / "serve.log"
+    cmd = [executable("meterlake"), "serve", "--root", str(tmp_path / "root"), "--meters", "data/meters.yaml"]
+    with log.open("ab") as err:
+        proc = subprocess.Popen(cmd, env=base_env(home), cwd=REPO, stdout=stdout, stderr=err, start_new_session=True)
+    return proc, log
+
+
 def test_serve_into_a_closed_pipe_ends_quietly(tmp_path: Path, temporary_server_home: Path) -> None:
     """Prefect prints its banner ('Your deployments are being served ...') with a rich console of its own, whose
     broken-pipe handling ended serve with a silent exit 1; as every command, it stops quietly with 141."""
-    (tmp_path / "root").mkdir()
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before serve writes anything
-    log = tmp_path / "serve.log"
-    cmd = [executable("meterlake"), "serve", "--root", str(tmp_path / "root"), "--meters", "data/meters.yaml"]
     try:
-        with log.open("ab") as err:
-            serve = subprocess.Popen(
-                cmd, env=base_env(temporary_server_home), cwd=REPO, stdout=write_end, stderr=err, start_new_session=True
-            )
+        serve, log = serve_on_a_temporary_server(tmp_path, temporary_server_home, write_end)
     finally:
         os.close(write_end)
     try:
@@ -259,3 +263,28 @@ def test_serve_into_a_closed_pipe_ends_quietly(tmp_path: Path, temporary_server_
         stop(serve, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
     assert serve.returncode == 141, tail(log)
     assert "Traceback" not in log.read_text(), tail(log)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_serve_stops_cleanly_with_exit_0(tmp_path: Path, temporary_server_home: Path, signum: int) -> None:
+    """docs/cli.md: once serving, SIGTERM (systemd, docker stop) or Ctrl-C stops serve cleanly, schedules paused,
+    with exit 0, not the 143/130 of an interrupted command (which systemd would count as a failed stop)."""
+    serve, log = serve_on_a_temporary_server(tmp_path, temporary_server_home, subprocess.PIPE)
+    try:
+        assert serve.stdout is not None
+        banner = b""
+        while b"being served" not in banner:  # Prefect's banner, printed just before its runner starts
+            line = serve.stdout.readline()
+            assert line, f"meterlake serve exited with {serve.wait()} before serving\n{tail(log)}"
+            banner += line
+        time.sleep(2)  # the runner installs its SIGTERM handler and enters its loop
+        # To serve's process only (docker stop, kill PID): a signal to the whole group would stop Prefect's
+        # temporary server too, a child in that group, before the runner pauses its schedules (docs/cli.md).
+        os.kill(serve.pid, signum)
+        serve.stdout.read()
+        code = serve.wait(timeout=60)
+    finally:
+        stop(serve, ((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+    text = log.read_text()
+    assert code == 0, tail(log)
+    assert "All deployments have been paused" in text and "Traceback" not in text, tail(log)
