@@ -252,6 +252,8 @@ def backfill(
 
         check_event_years("--from", start)
         check_event_years("--to", end, end=True)
+    if workers is not None and workers < 1:
+        fail("--workers must be at least 1")
     as_flow = _use_prefect(prefect) or dask or workers
     prefect_flows, meterset = _flows(meters) if as_flow else (None, _load(meters))
     for slug in meter or []:

@@ -832,6 +832,25 @@ def test_usage_errors_are_one_line_exit_2(capsys, args, message):
     assert "Usage:" not in err and out == ""
 
 
+@pytest.mark.parametrize("command", [["run"], ["backfill", "--from", "2024-01-01", "--to", "2024-02-01"]])
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_below_one_is_refused_before_any_work(env, capsys, tmp_path, monkeypatch, command, workers):
+    """`--workers 0` or `-1` is a bad option (exit 2) for `backfill` as for `run`: never a run without Dask (0)
+    nor a flow run that asks Dask for a negative cluster (-1)."""
+    import flows.prefect_flows as prefect_flows
+
+    def started(**_):
+        raise AssertionError("a flow run started")
+
+    monkeypatch.setattr(prefect_flows, "run_hourly", started)
+    monkeypatch.setattr(prefect_flows, "run_backfill", started)
+    root = local_root(tmp_path)
+    code, _, err = cli(capsys, *command, "--workers", workers, "--root", root.root, "--meters", env["meters"])
+    assert code == 2, err
+    assert err == "error: --workers must be at least 1\n"
+    assert not root.exists("_state/runs")
+
+
 def test_no_command_still_shows_help(capsys):
     code, out, err = cli(capsys)
     assert code == 2 and "Usage:" in out + err and "query" in out + err
