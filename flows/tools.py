@@ -67,7 +67,13 @@ class ToolError(ValueError):
 
 # --- helpers -----------------------------------------------------------------------------------------
 def open_storage(root: str | Storage) -> Storage:
-    return root if isinstance(root, Storage) else Storage(str(root))
+    """A `Storage` as given, or the root named, checked: a mistyped root raises `StorageError` (as the command
+    line exits 3) instead of reading as an empty root whose COUNT is 0."""
+    if isinstance(root, Storage):
+        return root
+    storage = Storage(str(root))
+    storage.check_root()
+    return storage
 
 
 def load(meters: str | os.PathLike | MeterSet) -> MeterSet:

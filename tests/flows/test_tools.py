@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from flows import state, tools
-from flows.storage import Storage
+from flows.storage import Storage, StorageError
 from transforms.query import QueryError
 
 from support import event, jsonl, land, local_root, meterset, parquet_bytes, run, table
@@ -165,6 +165,25 @@ def test_quarantine_mistakes(root):
         tools.quarantine(root, reason="bad_tme")
     with pytest.raises(tools.ToolError, match="not a date"):
         tools.quarantine(root, since="last week")
+
+
+def test_a_root_that_does_not_exist_is_an_error_not_an_empty_root(tmp_path):
+    # `meterlake query --root dta` exits 3; the same mistake from Python must not answer a COUNT of 0.
+    missing = str(tmp_path / "dta")
+    calls = [
+        lambda: tools.query(missing, METERS, "calls", "2024-01-01", "2024-02-01"),
+        lambda: tools.quarantine(missing),
+        lambda: tools.quarantine_counts(missing),
+        lambda: tools.runs(missing),
+        lambda: tools.waiting_batches(missing),
+        lambda: tools.newest_event_time(missing),
+        lambda: tools.lock_holder(missing),
+        lambda: tools.status(missing, METERS),
+    ]
+    for call in calls:
+        with pytest.raises(StorageError, match="does not exist"):
+            call()
+    assert not os.path.exists(missing)
 
 
 @pytest.mark.parametrize("counts", [False, True])
