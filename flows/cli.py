@@ -275,11 +275,14 @@ def backfill(
             reingest=reingest,
         )
         return
+    from rich.console import Console
     from rich.progress import Progress
 
     from flows.pipeline import backfill as run_backfill
 
-    with Progress(transient=True) as bar:
+    # On standard error, and only on a terminal: standard output holds the summary alone (no stray blank line)
+    bar_console = Console(stderr=True)
+    with Progress(transient=True, console=bar_console, disable=not bar_console.is_terminal) as bar:
         job = bar.add_task("backfill", total=None)
 
         def progress(done: int, total: int, what: str) -> None:

@@ -811,6 +811,33 @@ def test_damaged_lock_file(env, capsys, tmp_path, body):
     assert root.read_bytes("_state/lock.json") == body  # reported, never removed behind the user's back
 
 
+def test_backfill_writes_only_its_summary_to_standard_output(env, capsys, tmp_path):
+    # The progress bar belongs on a terminal's standard error: off a terminal it must not leave a blank line in
+    # standard output, neither after the summary nor (before any summary) when another run holds the lock.
+    root = local_root(tmp_path)
+    land(root, "b1.jsonl", jsonl([event("e1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1})]))
+    run(root, meterset(METERS_YAML))
+    backfill = [
+        "backfill",
+        "--from",
+        "2024-03-01",
+        "--to",
+        "2024-04-01",
+        "--root",
+        root.root,
+        "--meters",
+        env["meters"],
+    ]
+    code, out, err = cli(capsys, *backfill)
+    assert code == 0, err
+    assert out.startswith("run ") and out.endswith("rows\n") and "\n\n" not in out, out
+    held = {"run_id": "r1", "host": "h", "pid": 1, "expires_at": "2999-01-01T00:00:00+00:00"}
+    root.write_bytes("_state/lock.json", json.dumps(held).encode())
+    code, out, err = cli(capsys, *backfill)
+    assert code == 4 and out == "", (out, err)
+    assert len(err.strip().splitlines()) == 1, err
+
+
 # --- usage errors are one line ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),
