@@ -423,6 +423,11 @@ def _num(value) -> str:
     return str(value)
 
 
+def _or_dash(value):
+    """A run record's count or duration, '-' where it has none (a run that did not finish)."""
+    return "-" if value is None else value
+
+
 def _when(value) -> str:
     if value is None:
         return "null"
@@ -642,7 +647,7 @@ def preview(
         if root is not None:
             row.append(r["definition"] or "no record")
         table_rows.append(row)
-    console.print(_table(columns, table_rows, numeric=("events", "excl.", "rows", "total")))
+    console.print(_table(columns, table_rows, numeric=("events", "excl.", "rows", "total"), whole=("meter",)))
     if root is not None:
         changed = t.filter(t["definition"].is_in(["changed", "new"]))["slug"].to_list()
         if t["definition"].is_null().all():
@@ -747,7 +752,13 @@ def quarantine(
         return
     body = [[r["stage"], r["reason"], r["meter"] or "-", r["count"]] for r in counts.iter_rows(named=True)]
     console.print(
-        _table(["stage", "reason", "meter", "records"], body, title=f"{total} rejected record(s)", numeric=("records",))
+        _table(
+            ["stage", "reason", "meter", "records"],
+            body,
+            title=f"{total} rejected record(s)",
+            numeric=("records",),
+            whole=("meter",),
+        )
     )
     if limit:
         console.print(f"first {records.height}:")
@@ -799,10 +810,7 @@ def status(
                 r["run_id"],
                 r["kind"] or "-",
                 r["status"],
-                r["batches"],
-                r["events_stored"],
-                r["quarantined"],
-                r["seconds"],
+                *[_or_dash(r[k]) for k in ("batches", "events_stored", "quarantined", "seconds")],
             ]
             for r in recent.iter_rows(named=True)
         ]
@@ -833,7 +841,11 @@ def status(
     ]
     console.print(
         _table(
-            ["meter", "periods", "first", "last", "definition"], body, title="published periods", numeric=("periods",)
+            ["meter", "periods", "first", "last", "definition"],
+            body,
+            title="published periods",
+            numeric=("periods",),
+            whole=("meter",),
         )
     )
     stale = table.filter(table["stale"].fill_null(False))["slug"].to_list()

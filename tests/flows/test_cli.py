@@ -299,6 +299,38 @@ def test_status_keeps_run_ids_whole(capsys, tmp_path):
     assert_fits(out)
 
 
+def test_status_quarantine_and_preview_keep_meter_names_whole(capsys, tmp_path, monkeypatch):
+    """Slugs are names users copy into `--meter`: folded mid-word at 80 columns they were wrong when pasted. An
+    interrupted run has no counts or duration: '-', not 'null'."""
+    from flows import state
+
+    monkeypatch.setenv("COLUMNS", "80")
+    slug = "gpu_execution_duration_seconds_total_by_model"
+    yaml = METERS_YAML.replace("slug: duration", f"slug: {slug}")
+    storage = local_root(tmp_path)
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(yaml)
+    events = [
+        event("1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1, "method": "GET"}),
+        event("2", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": "many"}),
+    ]
+    land(storage, "b1.jsonl", jsonl(events))
+    run(storage, meterset(yaml))
+    state.write_pending(storage, state.Pending(run_id="20240306T000000Z-abcdef"))
+    code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
+    assert code == 0, err
+    assert slug in out
+    interrupted = next(line for line in out.splitlines() if "20240306T000000Z-abcdef" in line)
+    assert "interrupted" in interrupted and "null" not in interrupted and "-" in interrupted.split("interrupted")[1]
+    code, out, err = cli(capsys, "quarantine", "--root", storage.root)
+    assert code == 0 and slug in out, err
+    sample = tmp_path / "sample.jsonl"
+    sample.write_bytes(jsonl(events))
+    code, out, err = cli(capsys, "preview", str(meters_file), str(sample))
+    assert code == 0 and slug in out, err
+    assert_fits(out)
+
+
 @pytest.mark.parametrize("name", ["root", "root [bold]x"])  # quoted for the shell, and no markup for rich
 def test_status_names_the_backfill_that_rebuilds_a_stale_meter(capsys, tmp_path, name):
     """The command status prints for a stale meter runs as printed (pasted into a shell, however long the paths:
