@@ -143,6 +143,14 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 
+# The command line's first request (`check_root(fail_fast=True)`, a one-key listing that S3 answers in milliseconds)
+# is one attempt that waits PROBE_READ_TIMEOUT s for an answer once connected (every other request keeps s3fs's 15 s,
+# and is retried), and PROBE_DEADLINE s in all: the backstop for what no socket timeout covers, such as a proxy that
+# never answers its CONNECT. 2 s more than the read timeout, so that its more precise message wins when connecting
+# takes less than that.
+PROBE_READ_TIMEOUT = 10.0
+PROBE_DEADLINE = PROBE_READ_TIMEOUT + 2.0
+
 
 @dataclass(frozen=True)
 class S3Settings:
@@ -259,18 +267,54 @@ class Storage:
                 _check_endpoint(self.s3.endpoint_url)
             self.base = self.root[len("s3://") :]
             self.bucket, _, self.key_prefix = self.base.partition("/")
-            self.fs = fsspec.filesystem(
-                "s3",
-                skip_instance_cache=True,
-                use_listings_cache=False,  # producers land files behind our back: always list afresh
-                # one retry layer, ours (see _call); botocore's own would multiply the attempts
-                config_kwargs={"retries": {"total_max_attempts": 1}},
-                **self.s3.s3fs_options(),
-            )
+            self.fs = self._s3fs()
         else:
             self.base = os.path.abspath(self.root)
             self.bucket = self.key_prefix = ""
             self.fs = fsspec.filesystem("file")
+
+    def _s3fs(self, session: Any = None, **config: Any) -> Any:
+        """An s3fs filesystem for this root; `config` adds botocore client options (`read_timeout`, ...)."""
+        return fsspec.filesystem(
+            "s3",
+            skip_instance_cache=True,  # ours alone: fsspec never hands it (or the probe's short timeout) to others
+            use_listings_cache=False,  # producers land files behind our back: always list afresh
+            # one retry layer, ours (see _call); botocore's own would multiply the attempts
+            config_kwargs={"retries": {"total_max_attempts": 1}, **config},
+            session=session,
+            **self.s3.s3fs_options(),
+        )
+
+    def _probe(self, method: str, **kwargs: Any) -> Any:
+        """The command line's first request, in one attempt bounded by PROBE_READ_TIMEOUT and PROBE_DEADLINE: an
+        endpoint that accepts the connection but never answers is a StorageError in seconds, not in minutes.
+
+        It goes through a short-lived client of its own, so that no other request ever gets the short timeout or
+        sees a cancelled request; the client shares the main one's session (credentials resolved once, outside the
+        deadline; the service model loaded once: ~25 ms instead of ~75 ms)."""
+        from fsspec.asyn import sync
+        from fsspec.exceptions import FSTimeoutError
+
+        self.fs.connect()
+        fs = self._s3fs(session=self.fs.session, read_timeout=PROBE_READ_TIMEOUT)
+        fs.retries = 1  # s3fs itself would try a read timeout 5 times (S3FileSystem.retries)
+        try:
+            return sync(fs.loop, fs._call_s3, method, timeout=PROBE_DEADLINE, **kwargs)
+        except Exception as exc:
+            read_timeout = _read_timed_out(exc)
+            if not read_timeout and not isinstance(exc, FSTimeoutError):
+                raise
+            endpoint = _endpoint_of(self.fs.s3.meta.endpoint_url)
+            seconds = PROBE_READ_TIMEOUT if read_timeout else PROBE_DEADLINE
+            proxy = _proxy_for(endpoint)
+            if proxy:  # it accepted the connection: botocore raises ProxyConnectionError when none is made
+                raise StorageError(
+                    f"S3 endpoint {endpoint} did not answer within {seconds:g} s through the proxy {proxy}, which "
+                    "accepted the connection; check HTTPS_PROXY, HTTP_PROXY and NO_PROXY, and AWS_ENDPOINT_URL"
+                ) from exc
+            what = "accepted the connection but did not answer" if read_timeout else "did not answer"
+            hint = "AWS_ENDPOINT_URL and that the service is healthy" if self.s3.endpoint_url else "the network"
+            raise StorageError(f"S3 endpoint {endpoint} {what} within {seconds:g} s; check {hint}") from exc
 
     # --- naming -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -308,8 +352,9 @@ class Storage:
 
         `probe`: the command line's first request (`check_root(fail_fast=True)`). An endpoint it cannot connect to
         at all (refused, unknown host, connect timeout) is wrong or down rather than briefly busy, and someone is
-        waiting: one line at once instead of ~20 s of retries. Any other request retries it, as every other
-        transient failure: a scheduled run must not fail because the endpoint restarted as it began.
+        waiting: one line at once instead of ~20 s of retries (and `Storage._probe` fails one that connects but does
+        not answer). Any other request retries it, as every other transient failure: a scheduled run must not fail
+        because the endpoint restarted as it began.
         FileNotFoundError and FileExistsError pass through unchanged: callers rely on them.
         """
         attempt = 1
@@ -366,17 +411,17 @@ class Storage:
     def check_root(self, create: bool = False, fail_fast: bool = False) -> None:
         """Fail with one clear line when the root cannot be used (missing, unreachable, refused).
 
-        `fail_fast`: an S3 endpoint that cannot be connected to fails at once, without retries (the command line's
-        choice; see `_call`)."""
+        `fail_fast`: an S3 endpoint that cannot be connected to, or that does not answer within PROBE_READ_TIMEOUT,
+        fails at once, without retries (the command line's choice; see `_call` and `_probe`)."""
         if self.is_s3:
             prefix = f"{self.key_prefix}/" if self.key_prefix else ""
+
+            def list_one_key() -> Any:
+                call = self._probe if fail_fast else self.fs.call_s3
+                return call("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+
             try:
-                self._call(
-                    "list",
-                    "",
-                    lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
-                    probe=fail_fast,
-                )
+                self._call("list", "", list_one_key, probe=fail_fast)
             except FileNotFoundError as exc:  # a 404 without S3's NoSuchBucket: some other HTTP server
                 where = self.s3.shown_endpoint
                 raise StorageError(
@@ -776,7 +821,6 @@ def _connect_failure(exc: BaseException) -> tuple[str, str, bool] | None:
         return None
     kwargs = getattr(failed, "kwargs", {})
     proxy = kwargs.get("proxy_url")  # ProxyConnectionError: the proxy was not reached; its URL may hold credentials
-    url = urllib.parse.urlsplit(str(proxy or kwargs.get("endpoint_url") or ""))
     reason = _NO_CONNECTION.get(type(failed).__name__, type(failed).__name__)
     for e in _chain(failed):  # the innermost cause says it best: "Connection refused", "Name or service not known"
         if isinstance(e, ssl.SSLError):  # an OSError whose errno is the TLS library's, not the system's
@@ -785,9 +829,34 @@ def _connect_failure(exc: BaseException) -> tuple[str, str, bool] | None:
             reason = e.strerror
         elif isinstance(e, OSError) and e.errno and e.errno > 0:
             reason = os.strerror(e.errno)
-    shown = _without_userinfo(f"{url.scheme}://{url.netloc}")
-    where = "?" if shown.endswith("://") else shown
+    where = _endpoint_of(proxy or kwargs.get("endpoint_url"))
     return (f"proxy {where}" if proxy else where), reason, _after_connecting(failed)
+
+
+def _read_timed_out(exc: BaseException) -> bool:
+    """A botocore ReadTimeoutError in `exc`'s chain: the connection was made and the request sent, and no answer came
+    within the read timeout (aiobotocore reports a connect timeout, TLS handshake included, as ConnectTimeoutError)."""
+    from botocore.exceptions import ReadTimeoutError
+
+    return any(isinstance(e, ReadTimeoutError) for e in _chain(exc))
+
+
+def _proxy_for(endpoint: str) -> str | None:
+    """The proxy that requests to `endpoint` go through, as botocore picks it (HTTPS_PROXY, HTTP_PROXY, NO_PROXY),
+    shown as `_endpoint_of` shows it; None without one."""
+    from botocore.utils import get_environ_proxies
+
+    proxy = get_environ_proxies(endpoint).get(urllib.parse.urlsplit(endpoint).scheme)
+    if not proxy:
+        return None
+    return _endpoint_of(proxy if "://" in proxy else f"http://{proxy}")  # botocore assumes http:// too
+
+
+def _endpoint_of(url: object) -> str:
+    """`scheme://host:port` of a request or proxy URL, for messages: no path, no `user:password@` ('?' if none)."""
+    parts = urllib.parse.urlsplit(str(url or ""))
+    shown = _without_userinfo(f"{parts.scheme}://{parts.netloc}")
+    return "?" if shown.endswith("://") else shown
 
 
 def _after_connecting(failed: BaseException) -> bool:

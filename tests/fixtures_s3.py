@@ -7,6 +7,7 @@ Fixtures:
 - `s3_bucket`, `s3_root`: a new bucket per test, and `s3://<bucket>/prefix` inside it.
 - `any_root`: a `Storage`, once on a local folder and once on S3 (parametrised; the S3 case is marked `s3`).
 - `s3_faults`: a small HTTP proxy in front of moto that fails requests on demand (`FaultProxy`).
+- `silent_endpoint`: a loopback port that accepts connections and never answers (`SilentEndpoint`).
 
 The code under test gets no test-only branch: it reads `AWS_ENDPOINT_URL` like any S3 client.
 """
@@ -85,6 +86,43 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class SilentEndpoint:
+    """A loopback TCP server that accepts every connection and never answers (a wedged service or proxy): the
+    connections stay open, unread, until the end of the test. `accepted` counts them: one per request attempt."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def accepted(self) -> int:
+        return len(self._held)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                self._held.append(self._listener.accept()[0])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._held:
+            conn.close()
+        self._listener.close()
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[SilentEndpoint]:
+    endpoint = SilentEndpoint()
+    yield endpoint
+    endpoint.close()
 
 
 def s3_client(endpoint: str):

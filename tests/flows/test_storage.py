@@ -21,11 +21,13 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 from polars.testing import assert_frame_equal
 
+import flows.storage as storage_module
 from flows.storage import TMP, RetryPolicy, RootError, S3Settings, Storage, StorageError
 
-from fixtures_s3 import FAKE_KEY, FAKE_SECRET, closed_port
+from fixtures_s3 import FAKE_KEY, FAKE_SECRET, SilentEndpoint, closed_port
 
 
 def test_write_then_read_bytes_and_json(any_root: Storage) -> None:
@@ -284,6 +286,99 @@ def test_a_proxy_nothing_listens_on_is_named_as_the_proxy(monkeypatch: pytest.Mo
         f"cannot connect to the proxy http://127.0.0.1:{port} for S3 (Connection refused); "
         "check HTTPS_PROXY, HTTP_PROXY and NO_PROXY"
     )
+
+
+def test_an_endpoint_that_never_answers_fails_the_root_check_in_one_attempt(
+    silent_endpoint: SilentEndpoint, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first request of a command connects and gets no answer: one attempt, cut at the probe's read timeout
+    (10 s from the command line, shortened here), one line naming the endpoint. It used to wait for s3fs's 15 s read
+    timeout, 5 times per attempt, in 8 attempts: over 10 minutes."""
+    monkeypatch.setattr(storage_module, "PROBE_READ_TIMEOUT", 0.3)
+    settings = S3Settings(endpoint_url=silent_endpoint.url, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.001))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="meterlake.storage"), pytest.raises(StorageError) as failure:
+        storage.check_root(fail_fast=True)
+    elapsed = time.monotonic() - started
+    assert str(failure.value) == (
+        f"S3 endpoint {silent_endpoint.url} accepted the connection but did not answer within 0.3 s; "
+        "check AWS_ENDPOINT_URL and that the service is healthy"
+    )
+    assert caplog.records == [] and silent_endpoint.accepted == 1  # one attempt: no retry by us or by s3fs
+    assert elapsed < 5, elapsed
+    # the short timeout was the probe's own client: the storage's client keeps s3fs's read timeout and retries
+    assert storage.fs.s3.meta.config.read_timeout == s3fs.S3FileSystem.read_timeout == 15
+    assert storage.fs.retries == s3fs.S3FileSystem.retries
+
+
+def test_without_fail_fast_an_endpoint_that_never_answers_is_retried(
+    silent_endpoint: SilentEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deployment runs and every later request ride out an endpoint that does not answer, as any transient failure.
+    (The storage's client gets a short read timeout here so that the test takes seconds; normally it is 15 s.)"""
+    settings = S3Settings(endpoint_url=silent_endpoint.url, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.001))
+    storage.fs = storage._s3fs(read_timeout=0.3)
+    storage.fs.retries = 1  # s3fs's own 5 tries of a read timeout are not what this test is about
+    with (
+        caplog.at_level(logging.WARNING, logger="meterlake.storage"),
+        pytest.raises(StorageError, match=r"still failing after 3 attempts .*ReadTimeoutError"),
+    ):
+        storage.check_root()
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
+    assert silent_endpoint.accepted == 3
+
+
+@pytest.mark.s3
+def test_the_probe_has_a_client_of_its_own(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line's first request goes through a short-lived client with the short read timeout and no s3fs
+    retries; the storage's own client, which every later request uses, keeps the normal settings."""
+    storage = Storage(s3_root)
+    made = []
+
+    def spy(**kwargs):
+        made.append(Storage._s3fs(storage, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(storage, "_s3fs", spy)
+    storage.check_root(fail_fast=True)
+    [probe] = made
+    assert probe is not storage.fs and probe.session is storage.fs.session  # credentials resolved once
+    assert (probe.s3.meta.config.read_timeout, probe.retries) == (storage_module.PROBE_READ_TIMEOUT, 1)
+    assert (storage.fs.s3.meta.config.read_timeout, storage.fs.retries) == (15, s3fs.S3FileSystem.retries)
+    for fs in (probe, storage.fs):  # one retry layer, ours
+        assert fs.s3.meta.config.retries["total_max_attempts"] == 1
+    storage.write_bytes("a.json", b"{}")
+    assert storage.read_bytes("a.json") == b"{}" and len(made) == 1
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_proxy_that_never_answers_is_named_as_the_proxy(
+    scheme: str, silent_endpoint: SilentEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a proxy that accepts the connection and never answers, the line names both, without the proxy's
+    credentials. An http:// endpoint's request times out reading the answer; an https:// one waits for the answer to
+    its CONNECT, which no socket timeout covers (aiohttp): the probe's deadline cuts it."""
+    monkeypatch.setattr(storage_module, "PROBE_READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(storage_module, "PROBE_DEADLINE", 1.0)
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = silent_endpoint.url
+    monkeypatch.setenv(f"{scheme.upper()}_PROXY", proxy.replace("://", "://proxyuser:proxy-secret@"))
+    endpoint = f"{scheme}://s3.test:9000"
+    settings = S3Settings(endpoint_url=endpoint, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.001))
+    started = time.monotonic()
+    with pytest.raises(StorageError) as failure:
+        storage.check_root(fail_fast=True)
+    assert time.monotonic() - started < 5
+    seconds = "0.3" if scheme == "http" else "1"
+    assert str(failure.value) == (
+        f"S3 endpoint {endpoint} did not answer within {seconds} s through the proxy {proxy}, which accepted the "
+        "connection; check HTTPS_PROXY, HTTP_PROXY and NO_PROXY, and AWS_ENDPOINT_URL"
+    )
+    assert silent_endpoint.accepted == 1
 
 
 @pytest.fixture
