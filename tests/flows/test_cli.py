@@ -478,14 +478,13 @@ def test_endpoint_that_is_not_s3_is_exit_3(env, capsys, monkeypatch):
     assert endpoint in err and "not look like an S3 endpoint" in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("command", ["run", "status", "quarantine", "backfill", "query", "report"])
-@pytest.mark.usefixtures("fake_aws")
-def test_an_endpoint_nothing_listens_on_is_one_line_exit_3_without_retries(env, capsys, caplog, monkeypatch, command):
-    monkeypatch.setattr(storage_module, "DEFAULT_RETRY", RetryPolicy(attempts=8, first_delay=0.001, max_delay=0.001))
-    endpoint = f"http://127.0.0.1:{closed_port()}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+STORAGE_COMMANDS = ["run", "status", "quarantine", "backfill", "query", "report"]
+
+
+def storage_command_args(command: str, env) -> list[str]:
+    """Arguments that get `command` (one of STORAGE_COMMANDS) as far as its first storage request."""
     meters = ["--meters", env["meters"]]
-    args = {
+    return {
         "run": meters,
         "status": meters,
         "quarantine": [],
@@ -493,31 +492,51 @@ def test_an_endpoint_nothing_listens_on_is_one_line_exit_3_without_retries(env, 
         "query": ["calls", *RANGE, *meters],
         "report": ["calls", "--period", "2024-03", *meters],
     }[command]
+
+
+def storage_error_line(capsys, caplog, command: str, env) -> str:
+    """Run `command` on s3://bucket/x; check that it exits 3 with nothing on standard output and no retry logged
+    (one attempt), and return its one line on standard error."""
     with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
-        code, out, err = cli(capsys, command, *args, "--root", "s3://bucket/x")
+        code, out, err = cli(capsys, command, *storage_command_args(command, env), "--root", "s3://bucket/x")
     assert code == 3, err
-    assert err.splitlines() == [
+    assert out == "" and caplog.records == [], (out, caplog.records)
+    assert len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("command", STORAGE_COMMANDS)
+@pytest.mark.usefixtures("fake_aws")
+def test_an_endpoint_nothing_listens_on_is_one_line_exit_3_without_retries(env, capsys, caplog, monkeypatch, command):
+    monkeypatch.setattr(storage_module, "DEFAULT_RETRY", RetryPolicy(attempts=8, first_delay=0.001, max_delay=0.001))
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert storage_error_line(capsys, caplog, command, env) == (
         f"error: cannot connect to S3 endpoint {endpoint} (Connection refused); "
         "check AWS_ENDPOINT_URL and that the service is running"
-    ]
-    assert out == "" and caplog.records == []  # one attempt: no retry was logged
+    )
+
+
+def timed_command_line(endpoint: str, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The real command line (a process of its own, default retries and timeouts) with AWS_ENDPOINT_URL=`endpoint`;
+    the process and the seconds it took."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "AWS_ENDPOINT_URL": endpoint},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc, time.monotonic() - started
 
 
 @pytest.mark.usefixtures("fake_aws")
 def test_an_endpoint_nothing_listens_on_fails_fast_from_the_command_line(env, tmp_path):
     """The real command line, with the default retry policy (which rides out ~20 s of trouble in a run)."""
     endpoint = f"http://127.0.0.1:{closed_port()}"
-    environ = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "status", "--root", "s3://bucket/x", "--meters", env["meters"]],
-        cwd=REPO,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    elapsed = time.monotonic() - started
+    proc, elapsed = timed_command_line(endpoint, "status", "--root", "s3://bucket/x", "--meters", env["meters"])
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.splitlines() == [
         f"error: cannot connect to S3 endpoint {endpoint} (Connection refused); "
@@ -525,6 +544,34 @@ def test_an_endpoint_nothing_listens_on_fails_fast_from_the_command_line(env, tm
     ]
     assert proc.stdout == ""
     assert elapsed < 10, elapsed  # it used to retry for ~20 s (process start and imports take 2-3 s)
+
+
+@pytest.mark.parametrize("command", STORAGE_COMMANDS)
+@pytest.mark.usefixtures("fake_aws")
+def test_an_endpoint_that_never_answers_is_one_line_exit_3_without_retries(
+    env, capsys, caplog, monkeypatch, silent_endpoint, command
+):
+    monkeypatch.setattr(storage_module, "PROBE_READ_TIMEOUT", 0.3)  # 10 s for real: the next test
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent_endpoint.url)
+    assert storage_error_line(capsys, caplog, command, env) == (
+        f"error: S3 endpoint {silent_endpoint.url} accepted the connection but did not answer within 0.3 s; "
+        "check AWS_ENDPOINT_URL and that the service is healthy"
+    )
+    assert silent_endpoint.accepted == 1
+
+
+@pytest.mark.usefixtures("fake_aws")
+def test_an_endpoint_that_never_answers_fails_fast_from_the_command_line(env, silent_endpoint):
+    """The real command line, with the real timeouts: it used to wait for 8 attempts of s3fs's 5 tries of 15 s
+    (635 s measured), and now waits for one 10 s read timeout."""
+    proc, elapsed = timed_command_line(silent_endpoint.url, "run", "--root", "s3://bucket/x", "--meters", env["meters"])
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: S3 endpoint {silent_endpoint.url} accepted the connection but did not answer within 10 s; "
+        "check AWS_ENDPOINT_URL and that the service is healthy"
+    ]
+    assert proc.stdout == "" and silent_endpoint.accepted == 1
+    assert elapsed < 30, elapsed  # 10 s and the process's start (2-3 s; more on a loaded machine)
 
 
 # --- serve checks its options before serving ----------------------------------------------------------
