@@ -89,6 +89,11 @@ def _without_userinfo(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
+def endpoint_variable() -> str:
+    """The variable the S3 endpoint is taken from, for messages: botocore's service-specific one wins."""
+    return "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+
+
 def _check_endpoint(endpoint: str) -> None:
     """botocore refuses an endpoint without http(s):// only when its first request is made: say so at once."""
     try:
@@ -99,11 +104,11 @@ def _check_endpoint(endpoint: str) -> None:
         ok = False
     if not ok:
         raise StorageError(
-            f"S3 endpoint {endpoint!r} (AWS_ENDPOINT_URL) is not an http:// or https:// URL, e.g. http://localhost:9000"
+            f"S3 endpoint {endpoint!r} ({endpoint_variable()}) is not an http:// or https:// URL, e.g. http://localhost:9000"
         )
     if "@" in parts.netloc:  # aiohttp refuses every request of such a client; never print the password
         raise StorageError(
-            f"S3 endpoint {_without_userinfo(endpoint)!r} (AWS_ENDPOINT_URL) holds a user name or password (user:password@): S3 requests are "
+            f"S3 endpoint {_without_userinfo(endpoint)!r} ({endpoint_variable()}) holds a user name or password (user:password@): S3 requests are "
             "signed with the AWS keys; remove it"
         )
 
@@ -310,10 +315,10 @@ class Storage:
             if proxy:  # it accepted the connection: botocore raises ProxyConnectionError when none is made
                 raise StorageError(
                     f"S3 endpoint {endpoint} did not answer within {seconds:g} s through the proxy {proxy}, which "
-                    "accepted the connection; check HTTPS_PROXY, HTTP_PROXY and NO_PROXY, and AWS_ENDPOINT_URL"
+                    f"accepted the connection; check HTTPS_PROXY, HTTP_PROXY and NO_PROXY, and {endpoint_variable()}"
                 ) from exc
             what = "accepted the connection but did not answer" if read_timeout else "did not answer"
-            hint = "AWS_ENDPOINT_URL and that the service is healthy" if self.s3.endpoint_url else "the network"
+            hint = f"{endpoint_variable()} and that the service is healthy" if self.s3.endpoint_url else "the network"
             raise StorageError(f"S3 endpoint {endpoint} {what} within {seconds:g} s; check {hint}") from exc
 
     # --- naming -------------------------------------------------------------------------------
@@ -381,7 +386,11 @@ class Storage:
                     raise StorageError(f"access denied: cannot {op} {self.uri(rel)} ({detail})") from exc
                 if kind == "unreachable" and probe:
                     where, reason, _ = _connect_failure(exc) or ("?", "?", False)
-                    hint = "AWS_ENDPOINT_URL and that the service is running" if self.s3.endpoint_url else "the network"
+                    hint = (
+                        f"{endpoint_variable()} and that the service is running"
+                        if self.s3.endpoint_url
+                        else "the network"
+                    )
                     what = f"S3 endpoint {where}"
                     if where.startswith("proxy "):  # the proxy was not reached, not the endpoint
                         hint, what = "HTTPS_PROXY, HTTP_PROXY and NO_PROXY", f"the {where} for S3"
@@ -426,7 +435,7 @@ class Storage:
                 where = self.s3.shown_endpoint
                 raise StorageError(
                     f"S3 endpoint {where} answered {_one_line(str(exc), 60)!r} to listing bucket {self.bucket!r}: "
-                    "it does not look like an S3 endpoint (check AWS_ENDPOINT_URL)"
+                    f"it does not look like an S3 endpoint (check {endpoint_variable()})"
                 ) from exc
             return
         if os.path.isdir(self.base):

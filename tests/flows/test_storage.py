@@ -234,6 +234,16 @@ def test_an_endpoint_that_is_not_an_http_url_is_a_storage_error(endpoint: str) -
     Storage("s3://bucket/x", S3Settings(endpoint_url="https://s3.example.com:9000"))  # fine
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+def test_endpoint_messages_name_the_variable_it_came_from(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL (botocore's rule): the message sends the user to that one."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv(variable, "localhost:9000")
+    with pytest.raises(StorageError, match=rf"'localhost:9000' \({variable}\) is not an http"):
+        Storage("s3://bucket/x", S3Settings.from_env())
+
+
 def test_an_endpoint_nothing_listens_on_fails_the_root_check_at_once(caplog: pytest.LogCaptureFixture) -> None:
     """The first request of a command cannot connect: one attempt, one message naming the endpoint. Later
     requests (the endpoint went away in the middle of a run) are retried in full."""
