@@ -280,7 +280,7 @@ class Storage:
 
     def _s3fs(self, session: Any = None, **config: Any) -> Any:
         """An s3fs filesystem for this root; `config` adds botocore client options (`read_timeout`, ...)."""
-        return fsspec.filesystem(
+        fs = fsspec.filesystem(
             "s3",
             skip_instance_cache=True,  # ours alone: fsspec never hands it (or the probe's short timeout) to others
             use_listings_cache=False,  # producers land files behind our back: always list afresh
@@ -289,6 +289,10 @@ class Storage:
             session=session,
             **self.s3.s3fs_options(),
         )
+        # and so would s3fs's (5 tries of a read timeout, a dropped connection, SlowDown): 8 x 5 x 15 s, over
+        # 10 minutes per request, for an endpoint that accepts connections and never answers
+        fs.retries = 1
+        return fs
 
     def _probe(self, method: str, **kwargs: Any) -> Any:
         """The command line's first request, in one attempt bounded by PROBE_READ_TIMEOUT and PROBE_DEADLINE: an
@@ -302,7 +306,6 @@ class Storage:
 
         self.fs.connect()
         fs = self._s3fs(session=self.fs.session, read_timeout=PROBE_READ_TIMEOUT)
-        fs.retries = 1  # s3fs itself would try a read timeout 5 times (S3FileSystem.retries)
         try:
             return sync(fs.loop, fs._call_s3, method, timeout=PROBE_DEADLINE, **kwargs)
         except Exception as exc:
@@ -729,6 +732,7 @@ _TRANSIENT_CODES = {
     "RequestTimeout",
     "RequestLimitExceeded",
     "OperationAborted",
+    "XAmzContentSHA256Mismatch",  # a body damaged in transit (s3fs retried it when it had a retry layer)
 }
 
 
@@ -738,8 +742,15 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):
         from botocore import exceptions as bx
+        from botocore.parsers import ResponseParserError  # a reply cut short or garbled by a proxy
 
-        types += [bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError, bx.ResponseStreamingError]
+        types += [
+            bx.ConnectionError,
+            bx.HTTPClientError,
+            bx.IncompleteReadError,
+            bx.ResponseStreamingError,
+            ResponseParserError,
+        ]
     with contextlib.suppress(ImportError):
         from fsspec.exceptions import FSTimeoutError
 

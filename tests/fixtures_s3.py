@@ -168,6 +168,7 @@ _ERRORS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
     403: ("AccessDenied", "Access Denied"),
+    400: ("XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header does not match what was computed."),
 }
 
 
@@ -176,7 +177,7 @@ class FaultProxy:
     """An HTTP proxy on loopback in front of moto that fails requests when told to.
 
     Failing requests get an S3 error document (`status`: 500 InternalError, 503 SlowDown, 403
-    AccessDenied) without reaching moto, so a failed PUT or DELETE changes nothing. Rules:
+    AccessDenied, 400 XAmzContentSHA256Mismatch: a body damaged in transit) without reaching moto, so a failed PUT or DELETE changes nothing. Rules:
     `fail_every(n)` fails every n-th request, `fail_next(k)` the next k, `fail_for(seconds)` all
     requests in a time window, `fail_when(predicate)` those matching `predicate(method, path)`.
     """

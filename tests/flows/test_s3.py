@@ -453,7 +453,7 @@ def test_run_rides_out_an_endpoint_failing_every_fifth_request(
 ) -> None:
     storage = Storage(s3_root)
     land_fault_batches(storage)
-    s3_faults.fail_every(5, status=500)  # InternalError: s3fs leaves it to our retries (it retries SlowDown itself)
+    s3_faults.fail_every(5, status=500)  # InternalError: our retries (s3fs's own are off: one retry layer)
     with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
         summary = pipeline.run(storage, meterset(METERS), log=lambda _: None)
     assert s3_faults.failed >= 10
@@ -483,16 +483,18 @@ def test_run_rides_out_an_endpoint_restart(s3_root: str, s3_faults: FaultProxy, 
     assert_tables(storage, clean_tables)
 
 
-@pytest.mark.parametrize("status", [500, 503])  # InternalError (our retries), SlowDown (s3fs's, then ours)
+@pytest.mark.parametrize("status", [500, 503, 400])  # InternalError, SlowDown, XAmzContentSHA256Mismatch
+@pytest.mark.parametrize("fail_fast", [False, True])
 def test_the_root_check_rides_out_errors_of_an_endpoint_that_answers(
-    s3_root: str, s3_faults: FaultProxy, status: int
+    s3_root: str, s3_faults: FaultProxy, status: int, fail_fast: bool
 ) -> None:
-    """Only an endpoint that cannot be connected to fails the first check at once: answers such as 5xx and
-    throttling are retried there too, so a run does not die of one throttled request."""
-    storage = Storage(s3_root, retry=RetryPolicy(attempts=8, first_delay=0.01, max_delay=0.02))
+    """Only an endpoint that cannot be connected to fails the first check at once: answers such as 5xx, throttling
+    and a body damaged in transit are retried there too, so a run does not die of one throttled request. Our retry
+    loop is the only one (s3fs's and botocore's are off), so each failure is one request."""
+    storage = Storage(s3_root, retry=RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.02))
     s3_faults.fail_next(3, status=status)
-    storage.check_root()
-    assert s3_faults.failed == 3
+    storage.check_root(fail_fast=fail_fast)
+    assert s3_faults.failed == 3 and s3_faults.requests == 4
 
 
 @pytest.mark.parametrize("after", [12, 60])  # early (finding batches) / late (publishing)

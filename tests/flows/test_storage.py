@@ -319,18 +319,26 @@ def test_an_endpoint_that_never_answers_fails_the_root_check_in_one_attempt(
     assert elapsed < 5, elapsed
     # the short timeout was the probe's own client: the storage's client keeps s3fs's read timeout and retries
     assert storage.fs.s3.meta.config.read_timeout == s3fs.S3FileSystem.read_timeout == 15
-    assert storage.fs.retries == s3fs.S3FileSystem.retries
+    assert storage.fs.retries == 1  # one retry layer, ours: the failed probe changed nothing
+
+
+def test_a_garbled_reply_is_transient() -> None:
+    """A reply cut short or garbled on the way (a proxy) is retried by our loop, the only one."""
+    from botocore.parsers import ResponseParserError
+
+    assert storage_module._classify(ResponseParserError("Unable to parse response, invalid XML"))[0] == "transient"
 
 
 def test_without_fail_fast_an_endpoint_that_never_answers_is_retried(
     silent_endpoint: SilentEndpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Deployment runs and every later request ride out an endpoint that does not answer, as any transient failure.
-    (The storage's client gets a short read timeout here so that the test takes seconds; normally it is 15 s.)"""
+    """Deployment runs and every later request ride out an endpoint that does not answer, as any transient failure,
+    in our retry loop alone: one connection per attempt (s3fs's own 5 tries each made it 8 x 5 x 15 s, over 10
+    minutes per request). (The storage's client gets a short read timeout here so that the test takes seconds;
+    normally it is 15 s.)"""
     settings = S3Settings(endpoint_url=silent_endpoint.url, region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
     storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=3, first_delay=0.001, max_delay=0.001))
     storage.fs = storage._s3fs(read_timeout=0.3)
-    storage.fs.retries = 1  # s3fs's own 5 tries of a read timeout are not what this test is about
     with (
         caplog.at_level(logging.WARNING, logger="meterlake.storage"),
         pytest.raises(StorageError, match=r"still failing after 3 attempts .*ReadTimeoutError"),
@@ -342,8 +350,8 @@ def test_without_fail_fast_an_endpoint_that_never_answers_is_retried(
 
 @pytest.mark.s3
 def test_the_probe_has_a_client_of_its_own(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command line's first request goes through a short-lived client with the short read timeout and no s3fs
-    retries; the storage's own client, which every later request uses, keeps the normal settings."""
+    """The command line's first request goes through a short-lived client with the short read timeout; the storage's
+    own client, which every later request uses, keeps the normal one. Neither retries inside s3fs or botocore."""
     storage = Storage(s3_root)
     made = []
 
@@ -356,9 +364,9 @@ def test_the_probe_has_a_client_of_its_own(s3_root: str, monkeypatch: pytest.Mon
     [probe] = made
     assert probe is not storage.fs and probe.session is storage.fs.session  # credentials resolved once
     assert (probe.s3.meta.config.read_timeout, probe.retries) == (storage_module.PROBE_READ_TIMEOUT, 1)
-    assert (storage.fs.s3.meta.config.read_timeout, storage.fs.retries) == (15, s3fs.S3FileSystem.retries)
+    assert storage.fs.s3.meta.config.read_timeout == s3fs.S3FileSystem.read_timeout == 15
     for fs in (probe, storage.fs):  # one retry layer, ours
-        assert fs.s3.meta.config.retries["total_max_attempts"] == 1
+        assert fs.s3.meta.config.retries["total_max_attempts"] == 1 and fs.retries == 1
     storage.write_bytes("a.json", b"{}")
     assert storage.read_bytes("a.json") == b"{}" and len(made) == 1
 
