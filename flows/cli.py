@@ -280,15 +280,31 @@ def backfill(
 
     from flows.pipeline import backfill as run_backfill
 
-    # On standard error, and only on a terminal: standard output holds the summary alone (no stray blank line)
+    # On standard error, and only on a terminal: standard output holds the summary alone (no stray blank line).
+    # The summary is printed once the bar is gone: while it shows, rich sends what is written to standard output to
+    # the bar's console (redirect_stdout), standard error, and `backfill ... > summary.txt` left the file empty.
     bar_console = Console(stderr=True)
-    with Progress(transient=True, console=bar_console, disable=not bar_console.is_terminal) as bar:
+    said: list[str] = []
+    with Progress(
+        transient=True, console=bar_console, disable=not bar_console.is_terminal, redirect_stdout=False
+    ) as bar:
         job = bar.add_task("backfill", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(job, total=total, completed=done, description=f"backfill {what}")
 
-        run_backfill(storage, meterset, start, end, slugs=meter or None, reingest_landing=reingest, progress=progress)
+        run_backfill(
+            storage,
+            meterset,
+            start,
+            end,
+            slugs=meter or None,
+            reingest_landing=reingest,
+            progress=progress,
+            log=said.append,
+        )
+    for line in said:
+        typer.echo(line)
 
 
 @app.command()

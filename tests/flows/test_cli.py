@@ -917,6 +917,54 @@ def test_backfill_writes_only_its_summary_to_standard_output(env, capsys, tmp_pa
     assert len(err.strip().splitlines()) == 1, err
 
 
+def _stderr_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """Run the command line with standard error a terminal (a pseudo-terminal) and standard output a pipe, as
+    `meterlake backfill ... > summary.txt` typed at a terminal does."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    err = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
+            err += chunk
+        out = proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        os.close(controller)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out.decode(), err.decode(errors="replace")
+
+
+def test_backfill_summary_goes_to_standard_output_while_the_bar_is_on_a_terminal(env, tmp_path):
+    # With standard error a terminal the bar is shown there; rich's live display then sends whatever is written to
+    # standard output meanwhile to its own console, standard error: `backfill ... > summary.txt` left the file empty.
+    root = local_root(tmp_path)
+    land(root, "b1.jsonl", jsonl([event("e1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1})]))
+    run(root, meterset(METERS_YAML))
+    code, out, err = _stderr_on_a_terminal(["backfill", *RANGE, "--root", root.root, "--meters", env["meters"]])
+    assert code == 0, err
+    assert out.startswith("run ") and "(backfill)" in out and out.endswith("rows\n"), (out, err)
+    assert "(backfill)" not in err, err
+    assert "backfill" in err  # the bar itself
+
+
 # --- usage errors are one line ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("args", "message"),
