@@ -278,6 +278,12 @@ class Storage:
             self.bucket = self.key_prefix = ""
             self.fs = fsspec.filesystem("file")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its settings (Prefect's Dask task runner sends the handle to worker processes): the copy builds
+        its own client as `__post_init__` does. fsspec would rebuild a pickled filesystem from its constructor's
+        arguments alone, losing `retries = 1`, and s3fs would try 5 times inside each of our attempts again."""
+        return (type(self), (self.root, self.s3, self.retry))
+
     def _s3fs(self, session: Any = None, **config: Any) -> Any:
         """An s3fs filesystem for this root; `config` adds botocore client options (`read_timeout`, ...)."""
         fs = fsspec.filesystem(

@@ -371,6 +371,24 @@ def test_the_probe_has_a_client_of_its_own(s3_root: str, monkeypatch: pytest.Mon
     assert storage.read_bytes("a.json") == b"{}" and len(made) == 1
 
 
+@pytest.mark.s3
+def test_a_storage_sent_to_another_process_keeps_one_retry_layer(s3_root: str) -> None:
+    """Prefect's Dask task runner pickles the Storage handle into worker processes. fsspec rebuilds a pickled
+    filesystem from its constructor's arguments, which do not hold `retries`: s3fs's 5 tries came back inside each
+    of our attempts there (8 x 5 x 15 s against an endpoint that never answers)."""
+    import pickle
+
+    import cloudpickle
+
+    storage = Storage(s3_root)
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        copy = pickle.loads(dumps(storage))
+        assert (copy.root, copy.s3, copy.retry) == (storage.root, storage.s3, storage.retry)
+        assert copy.fs.retries == 1 and copy.fs.s3.meta.config.retries["total_max_attempts"] == 1
+        copy.write_bytes("a.json", b"{}")
+        assert storage.read_bytes("a.json") == b"{}"
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_a_proxy_that_never_answers_is_named_as_the_proxy(
     scheme: str, silent_endpoint: SilentEndpoint, monkeypatch: pytest.MonkeyPatch
