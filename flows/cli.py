@@ -459,25 +459,60 @@ def _table(
     numeric: tuple[str, ...] = (),
     whole: tuple[str, ...] = (),
 ):
-    """A table folded to the console width; the `whole` columns (names users copy) never fold, and leave the
-    others room by collapsing the padding between columns."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
+    """A table folded to the console width. Numbers never fold (a count of 1234 folded reads as 123). The `whole`
+    columns (names users copy) do not fold either, with the padding between columns collapsed to leave the others
+    room, when the others still fit at a readable width; else they fold as any text (`_FittedTable`)."""
+    cells = [[v if isinstance(v, str) else _num(v) for v in row] for row in rows]
 
-    table = Table(
-        title=Text(title) if title else None,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        expand=False,
-        collapse_padding=bool(whole),
-    )
-    for c in columns:
-        table.add_column(c, justify="right" if c in numeric else "left", overflow="fold", no_wrap=c in whole)
-    for row in rows:  # Text, not markup: a subject like "[bold]" is data
-        table.add_row(*[Text(v if isinstance(v, str) else _num(v)) for v in row])
-    return table
+    def build(keep_whole: bool):
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(
+            title=Text(title) if title else None,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            expand=False,
+            collapse_padding=keep_whole,
+        )
+        for c in columns:
+            no_wrap = c in numeric or (keep_whole and c in whole)
+            table.add_column(c, justify="right" if c in numeric else "left", overflow="fold", no_wrap=no_wrap)
+        for row in cells:  # Text, not markup: a subject like "[bold]" is data
+            table.add_row(*[Text(v) for v in row])
+        return table
+
+    if not whole:
+        return build(False)
+    return _FittedTable(build, columns, cells, numeric, whole)
+
+
+class _FittedTable:
+    """A table whose `whole` columns stay whole only if, at the console's width, every number keeps its width and
+    every other column at least MIN_TEXT characters (or its widest cell, if narrower)."""
+
+    MIN_TEXT = 6
+
+    def __init__(self, build, columns, cells, numeric, whole) -> None:
+        self.build, self.columns, self.cells, self.numeric, self.whole = build, columns, cells, numeric, whole
+
+    def __rich_console__(self, console, options):
+        from rich.cells import cell_len
+        from rich.measure import Measurement
+
+        table = self.build(True)
+        natural = [
+            max([cell_len(c)] + [cell_len(line) for row in self.cells for line in row[i].splitlines()])
+            for i, c in enumerate(self.columns)
+        ]
+        overhead = Measurement.get(console, options.update_width(10**6), table).maximum - sum(natural)
+        least = sum(
+            width if c in self.whole or c in self.numeric else min(width, self.MIN_TEXT)
+            for c, width in zip(self.columns, natural, strict=True)
+        )
+        yield table if least + overhead <= options.max_width else self.build(False)
 
 
 def _parse_filters(items: list[str] | None) -> dict[str, list[str]]:

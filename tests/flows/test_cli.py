@@ -331,6 +331,36 @@ def test_status_quarantine_and_preview_keep_meter_names_whole(capsys, tmp_path, 
     assert_fits(out)
 
 
+def test_a_meter_name_kept_whole_never_splits_a_number_or_drops_a_column(capsys, tmp_path, monkeypatch):
+    """A slug may have 64 characters. Kept whole at 80 columns, it squeezed the other columns to a character or
+    two: a count of 1234 printed as '123' over '4', dates one character a line, and preview's counts gone. Where
+    the name cannot stay whole beside readable columns it folds; numbers never do."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")
+    slug = ("gpu_execution_duration_seconds_total_by_model_and_region_" + "x" * 20)[:64]
+    yaml = METERS_YAML.replace("slug: duration", f"slug: {slug}")
+    storage = local_root(tmp_path)
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(yaml)
+    good = event("1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1, "method": "GET"})
+    bad = [event(f"b{i}", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": "n/a"}) for i in range(1234)]
+    land(storage, "b1.jsonl", jsonl([good, *bad]))
+    run(storage, meterset(yaml))
+    code, out, err = cli(capsys, "quarantine", "--root", storage.root)
+    assert code == 0, err
+    assert any("bad_value" in line and line.split()[-1] == "1234" for line in out.splitlines()), out
+    code, out, err = cli(capsys, "status", "--root", storage.root, "--meters", str(meters_file))
+    assert code == 0, err
+    assert re.search(r" 1 +2024-03-01 +2024-03-01 +unchanged", out), out
+    sample = tmp_path / "sample.jsonl"
+    sample.write_bytes(jsonl([good, *bad]))
+    code, out, err = cli(capsys, "preview", str(meters_file), str(sample))
+    assert code == 0, err
+    assert re.search(r" SUM +1235 +1234 +1 +1\b", out), out
+    assert_fits(out)
+
+
 @pytest.mark.parametrize("name", ["root", "root [bold]x"])  # quoted for the shell, and no markup for rich
 def test_status_names_the_backfill_that_rebuilds_a_stale_meter(capsys, tmp_path, name):
     """The command status prints for a stale meter runs as printed (pasted into a shell, however long the paths:
