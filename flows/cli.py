@@ -285,26 +285,28 @@ def backfill(
     # the bar's console (redirect_stdout), standard error, and `backfill ... > summary.txt` left the file empty.
     bar_console = Console(stderr=True)
     said: list[str] = []
-    with Progress(
-        transient=True, console=bar_console, disable=not bar_console.is_terminal, redirect_stdout=False
-    ) as bar:
-        job = bar.add_task("backfill", total=None)
+    try:
+        with Progress(
+            transient=True, console=bar_console, disable=not bar_console.is_terminal, redirect_stdout=False
+        ) as bar:
+            job = bar.add_task("backfill", total=None)
 
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(job, total=total, completed=done, description=f"backfill {what}")
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(job, total=total, completed=done, description=f"backfill {what}")
 
-        run_backfill(
-            storage,
-            meterset,
-            start,
-            end,
-            slugs=meter or None,
-            reingest_landing=reingest,
-            progress=progress,
-            log=said.append,
-        )
-    for line in said:
-        typer.echo(line)
+            run_backfill(
+                storage,
+                meterset,
+                start,
+                end,
+                slugs=meter or None,
+                reingest_landing=reingest,
+                progress=progress,
+                log=said.append,
+            )
+    finally:  # what it said before a failure too, ahead of the error line
+        for line in said:
+            typer.echo(line)
 
 
 @app.command()
