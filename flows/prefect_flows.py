@@ -155,6 +155,47 @@ def will_start_temporary_server() -> bool:
     return not settings.api.url and settings.server.ephemeral.enabled
 
 
+def isolate_temporary_server() -> None:
+    """Start Prefect's temporary server, when this process starts one, in a session of its own.
+
+    Prefect starts it as a child in the command's process group, so Ctrl-C in a terminal (SIGINT to the whole
+    foreground group) stopped the server at the moment the command needed it: `serve` pausing its schedules, a
+    flow run reporting its final state. Which came first was a race: measured on `serve`, exit 0 within 1.5 s, or
+    exit 1 after 74 s of retries with the schedules left active. In a session of its own the server gets no
+    terminal signals, and Prefect stops it at exit as before (atexit). A hangup, which no longer reaches the
+    server, is turned into SIGTERM for this process, whose clean stop runs that atexit hook: a closed terminal
+    does not leave the server running. Must run before the first API call (the server starts with it).
+    """
+    import os
+    import signal
+    import subprocess
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    instance = prefect_server.SubprocessASGIServer()  # the one Prefect's client uses (no port given)
+    if getattr(instance, "_meterlake_isolated", False):
+        return
+    start_uvicorn = instance._run_uvicorn_command
+
+    def own_session(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        return subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
+
+    def in_own_session() -> subprocess.Popen:
+        module_subprocess = prefect_server.subprocess
+        # the module's own name only: no other module's subprocess calls are touched
+        prefect_server.subprocess = types.SimpleNamespace(**{**vars(subprocess), "Popen": own_session})
+        try:
+            return start_uvicorn()
+        finally:
+            prefect_server.subprocess = module_subprocess
+
+    instance._run_uvicorn_command = in_own_session
+    instance._meterlake_isolated = True
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def needs_api_url() -> bool:
     """True when a flow run cannot start: no API URL and Prefect's temporary server is disabled."""
     settings = get_current_settings()
