@@ -174,9 +174,13 @@ def isolate_temporary_server() -> None:
     from prefect.server.api import server as prefect_server
 
     instance = prefect_server.SubprocessASGIServer()  # the one Prefect's client uses (no port given)
-    if getattr(instance, "_meterlake_isolated", False):
-        return
-    start_uvicorn = instance._run_uvicorn_command
+    start_uvicorn = getattr(instance, "_run_uvicorn_command", None)
+    if (
+        getattr(instance, "_meterlake_isolated", False)
+        or start_uvicorn is None
+        or not hasattr(prefect_server, "subprocess")
+    ):
+        return  # done already, or another Prefect than 3.9's: its own way (the tests of serve's signals tell)
 
     def own_session(*args: Any, **kwargs: Any) -> subprocess.Popen:
         return subprocess.Popen(*args, **{**kwargs, "start_new_session": True})
