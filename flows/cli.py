@@ -359,10 +359,9 @@ def serve(
         reason = str(exc.errors()[0].get("msg", "")).removeprefix("Value error, ")
         fail(f'--cron {cron!r} is not a cron schedule ({reason}); e.g. "5 * * * *" (minute hour day month weekday)')
 
-    from flows.prefect_flows import backfill_flow, hourly_flow, isolate_temporary_server, will_start_temporary_server
+    from flows.prefect_flows import backfill_flow, hourly_flow, isolate_temporary_server
 
-    if will_start_temporary_server():
-        isolate_temporary_server()  # before the first API call, which starts it
+    isolate_temporary_server()  # before the first API call, which starts it
     _refuse_work_pool_deployments(["meterlake-hourly/hourly", "meterlake-backfill/backfill"])
     one = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     params = {"root": root, "meters": os.path.abspath(meters)}

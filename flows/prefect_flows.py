@@ -164,8 +164,11 @@ def isolate_temporary_server() -> None:
     exit 1 after 74 s of retries with the schedules left active. In a session of its own the server gets no
     terminal signals, and Prefect stops it at exit as before (atexit). A hangup, which no longer reaches the
     server, is turned into SIGTERM for this process, whose clean stop runs that atexit hook: a closed terminal
-    does not leave the server running. Must run before the first API call (the server starts with it).
+    does not leave the server running. Must run before the first API call (the server starts with it); does
+    nothing when the process uses a server of its own (PREFECT_API_URL).
     """
+    if not will_start_temporary_server():
+        return
     import os
     import signal
     import subprocess

@@ -327,8 +327,12 @@ class Storage:
                     f"accepted the connection; check HTTPS_PROXY, HTTP_PROXY and NO_PROXY, and {endpoint_variable()}"
                 ) from exc
             what = "accepted the connection but did not answer" if read_timeout else "did not answer"
-            hint = f"{endpoint_variable()} and that the service is healthy" if self.s3.endpoint_url else "the network"
+            hint = self._endpoint_hint("healthy")
             raise StorageError(f"S3 endpoint {endpoint} {what} within {seconds:g} s; check {hint}") from exc
+
+    def _endpoint_hint(self, state: str) -> str:
+        """What to check when the endpoint cannot be reached or does not answer."""
+        return f"{endpoint_variable()} and that the service is {state}" if self.s3.endpoint_url else "the network"
 
     # --- naming -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -395,11 +399,7 @@ class Storage:
                     raise StorageError(f"access denied: cannot {op} {self.uri(rel)} ({detail})") from exc
                 if kind == "unreachable" and probe:
                     where, reason, _ = _connect_failure(exc) or ("?", "?", False)
-                    hint = (
-                        f"{endpoint_variable()} and that the service is running"
-                        if self.s3.endpoint_url
-                        else "the network"
-                    )
+                    hint = self._endpoint_hint("running")
                     what = f"S3 endpoint {where}"
                     if where.startswith("proxy "):  # the proxy was not reached, not the endpoint
                         hint, what = "HTTPS_PROXY, HTTP_PROXY and NO_PROXY", f"the {where} for S3"

@@ -66,13 +66,12 @@ class ToolError(ValueError):
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-def open_storage(root: str | Storage) -> Storage:
+def open_storage(root: str | Storage, check: bool = False) -> Storage:
     """A `Storage` as given, or the root named, checked: a mistyped root raises `StorageError` (as the command
-    line exits 3) instead of reading as an empty root whose COUNT is 0."""
-    if isinstance(root, Storage):
-        return root
-    storage = Storage(str(root))
-    storage.check_root()
+    line exits 3) instead of reading as an empty root whose COUNT is 0. `check`: a `Storage` given is checked too."""
+    storage = root if isinstance(root, Storage) else Storage(str(root))
+    if check or not isinstance(root, Storage):
+        storage.check_root()
     return storage
 
 
@@ -563,8 +562,7 @@ def preview(
     events, rejected = read_samples([str(f) for f in files])
     stored: dict[str, str] | None = None
     if root is not None:
-        storage = open_storage(root)
-        storage.check_root()
+        storage = open_storage(root, check=True)
         stored = state.read_fingerprints(storage) if storage.exists(state.METERS) else None
     current = meterset.fingerprints()
     billing = meterset.billing
