@@ -529,10 +529,18 @@ def _parse_filters(items: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
+STDOUT = "-"  # `--out -`: standard output, as Unix tools take it (a file named '-' is `--out ./-`)
+
+
 def _write_out(out: str, data: bytes) -> None:
-    """Write a result file the user asked for (their own path, outside the storage root)."""
+    """Write a result file the user asked for (their own path, outside the storage root), or standard output."""
     from pathlib import Path
 
+    if out == STDOUT:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)  # a reader gone away: BrokenPipeError, which _Commands makes OutputClosed
+        sys.stdout.buffer.flush()
+        return
     path = Path(out)
     if path.is_dir():
         fail(f"--out: {out} is a folder; give a file name")
@@ -575,7 +583,10 @@ def query(
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="table, csv, json (OpenMeter v1 shape) or parquet.")
     ] = "table",
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="Write to this file instead of stdout ('-': stdout, e.g. for parquet)."),
+    ] = None,
     root: RootOpt = "data",
     meters: MetersOpt = "data/meters.yaml",
 ) -> None:
@@ -592,7 +603,11 @@ def query(
     if fmt not in FORMATS:
         fail(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "parquet" and not out:
-        fail("--format parquet needs --out FILE")
+        fail("--format parquet needs --out FILE (or --out - to pipe it)")
+    if fmt == "parquet" and out == STDOUT and sys.stdout.isatty():
+        fail("--format parquet --out -: standard output is a terminal; pipe it to a program or give a file")
+    if out == STDOUT and fmt != "parquet":
+        out = None  # text formats go to standard output anyway
     from flows import tools
     from transforms.query import rfc3339, to_openmeter
 
@@ -654,7 +669,7 @@ def query(
             console.print(f"{len(rows)} row(s)")
         if out:
             _write_out(out, buf.getvalue().encode())
-    if out:
+    if out and out != STDOUT:
         _say(f"wrote {df.height} row(s) to {out}")
 
 
@@ -946,7 +961,9 @@ def _shell_lines(words: list[str], width: int = WIDTH) -> list[str]:
 def report(
     slug: Annotated[str, typer.Argument(help="Meter slug.")],
     period: Annotated[str, typer.Option("--period", "-p", help="Billing period: its month (2024-01) or first day.")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="HTML file (default report-SLUG-PERIOD.html).")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="HTML file (default report-SLUG-PERIOD.html; '-': stdout).")
+    ] = None,
     top: Annotated[int, typer.Option("--top", help="Rows in each top table.")] = 10,
     root: RootOpt = "data",
     meters: MetersOpt = "data/meters.yaml",
@@ -969,7 +986,8 @@ def report(
         page = render(storage, meterset, slug, period, top=top)
     target = out or f"report-{slug}-{period}.html"
     _write_out(target, page.encode())
-    typer.echo(f"wrote {target} ({len(page) // 1024} KB, opens without network)")
+    if target != STDOUT:
+        typer.echo(f"wrote {target} ({len(page) // 1024} KB, opens without network)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ a closed standard output (`| head -1`) ends a command quietly.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -141,6 +142,35 @@ def test_query_csv_table_and_files(env, capsys, tmp_path):
     assert pl.read_parquet(target)["value"].to_list() == [1000.0, 500.0, 500.0]
     code, _, err = q(env, capsys, "duration", *RANGE, "-f", "parquet")
     assert code == 2 and "needs --out" in err
+
+
+def test_out_dash_is_standard_output(env, tmp_path):
+    """`--out -` pipes the result (Parquet included) instead of creating a file named '-'."""
+    base = [*RANGE, "-w", "HOUR", "--root", env["root"], "--meters", env["meters"]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "query", "duration", *base, "-f", "parquet", "--out", "-"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""  # no "wrote ... to -" line
+    assert pl.read_parquet(io.BytesIO(proc.stdout))["value"].to_list() == [1000.0, 500.0, 500.0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "query", "duration", *base, "-f", "csv", "-o", "-"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.splitlines()[1:] == [
+        "2024-03-05T00:00:00Z,2024-03-05T01:00:00Z,1000.0",
+        "2024-03-05T01:00:00Z,2024-03-05T02:00:00Z,500.0",
+        "2024-03-06T00:00:00Z,2024-03-06T01:00:00Z,500.0",
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
