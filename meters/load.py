@@ -14,7 +14,19 @@ from meters.model import AGGREGATIONS, PERIODS, RESERVED_COLUMNS, Billing, Meter
 
 SLUG = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 GROUP_KEY = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_]*$")
-METER_FIELDS = {"slug", "description", "eventType", "aggregation", "valueProperty", "groupBy", "name"}
+# OpenMeter's meter fields (research §1.1). `name`, `description` and `metadata` are descriptive: checked as
+# OpenMeter checks them, never used in a number.
+METER_FIELDS = {
+    "slug",
+    "name",
+    "description",
+    "eventType",
+    "aggregation",
+    "valueProperty",
+    "groupBy",
+    "metadata",
+}
+NAME_MAX, DESCRIPTION_MAX = 256, 1024
 BILLING_FIELDS = {"period", "timezone", "anchor_day"}
 TOP_FIELDS = {"meters", "billing"}
 
@@ -47,6 +59,25 @@ def _plain(node: yaml.Node) -> Any:
     if isinstance(node, yaml.ScalarNode):
         return yaml.constructor.SafeConstructor().construct_document(node)
     return yaml.safe_load(yaml.serialize(node))
+
+
+class _TextKeys(yaml.SafeLoader):
+    """A loader that keeps mapping keys as written: YAML 1.1 reads `on`, `yes`, `off`, `no` as booleans and
+    `null` as None, where OpenMeter (YAML 1.2, JSON) has the text; merge keys (`<<`) still merge."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)
+        out = {}
+        for key_node, value_node in node.value:
+            plain = isinstance(key_node, yaml.ScalarNode)
+            key = key_node.value if plain else self.construct_object(key_node, deep=deep)
+            out[key if plain else str(key)] = self.construct_object(value_node, deep=deep)
+        return out
+
+
+def _text_keys(node: yaml.MappingNode) -> dict:
+    """A mapping node as a dict whose keys are the text written (see `_TextKeys`)."""
+    return yaml.load(yaml.serialize(node), Loader=_TextKeys)  # a SafeLoader: safe types only
 
 
 def _line(node: yaml.Node) -> int:
@@ -137,18 +168,28 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
             except JsonPathError as exc:
                 bad("valueProperty", f"{value_property!r} {exc}")
     description = raw.get("description")
-    if description is not None and not isinstance(description, str):
-        bad("description", "must be a string")
-    group_by = raw.get("groupBy") or {}
+    if description is not None and (not isinstance(description, str) or not 1 <= len(description) <= DESCRIPTION_MAX):
+        bad("description", f"must be a non-empty string of at most {DESCRIPTION_MAX} characters (as in OpenMeter)")
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= NAME_MAX):
+        bad("name", f"must be a string of 1-{NAME_MAX} characters (as in OpenMeter)")
+    metadata = raw.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        bad("metadata", "must be a mapping of names to strings (as in OpenMeter)")
+    group_node = fields["groupBy"][1] if "groupBy" in fields else None
+    # Keys as written: `on: $.on` is the column `on`, not YAML 1.1's True (nor one column with `yes:`).
+    group_by = _text_keys(group_node) if isinstance(group_node, yaml.MappingNode) else raw.get("groupBy") or {}
     group_paths: dict[str, str] = {}
     if not isinstance(group_by, dict):
         bad("groupBy", "must be a mapping of column name to JSONPath")
         group_by = {}
-    group_node = fields["groupBy"][1] if "groupBy" in fields else None
-    # Each key's problems at its own line (a list of ten keys all at the first would hide which one); the
-    # key as group_by spells it, so `on` (YAML 1.1's True) and `1.50` find their lines too.
+    # Each key's problems at its own line (a list of ten keys all at the first would hide which one).
     key_lines = (
-        {str(_plain(k)): _line(k) for k, _ in group_node.value} if isinstance(group_node, yaml.MappingNode) else {}
+        {k.value: _line(k) for k, _ in group_node.value if isinstance(k, yaml.ScalarNode)}
+        if isinstance(group_node, yaml.MappingNode)
+        else {}
     )
     folded: dict[str, str] = {}  # lower-cased key -> the key as first written
     for key, path in group_by.items():

@@ -756,3 +756,70 @@ def test_fields_left_empty_are_problems_with_their_lines() -> None:
         parse_meters(text)
     found = {(p.line, p.where.split()[-1]) for p in failure.value.problems}
     assert found >= {(2, "billing.timezone"), (4, "slug"), (8, "eventType"), (9, "aggregation"), (12, "groupBy")}
+
+
+# --- OpenMeter's own meter fields and rules (research §1.1, §1.2) ---------------------------------
+
+
+@pytest.mark.parametrize("key", ["on", "off", "yes", "no", "null", "true"])
+def test_group_by_keys_are_taken_as_written(key: str) -> None:
+    """YAML 1.1 reads `on`/`yes` as True and `null` as None; OpenMeter's keys are the text written, so a
+    groupBy `on: $.on` is the column `on`, not `True` (and `on` with `yes` are two columns, not one)."""
+    text = f"meters:\n  - slug: m\n    eventType: t\n    aggregation: COUNT\n    groupBy:\n      {key}: $.a\n      ok: $.b\n"
+    (m,) = parse_meters(text).meters
+    assert m.group_paths == {key: "$.a", "ok": "$.b"}
+    assert m.group_by == {key: "$.a", "ok": "$.b"}
+
+
+def test_group_by_keys_yaml_reads_alike_stay_distinct() -> None:
+    text = (
+        "meters:\n  - slug: m\n    eventType: t\n    aggregation: COUNT\n    groupBy:\n      on: $.a\n      yes: $.b\n"
+    )
+    (m,) = parse_meters(text).meters
+    assert m.group_paths == {"on": "$.a", "yes": "$.b"}
+
+
+def test_group_by_merge_keys_still_merge() -> None:
+    text = textwrap.dedent(
+        """\
+        common: &common
+          method: $.method
+        meters:
+          - slug: m
+            eventType: t
+            aggregation: COUNT
+            groupBy:
+              <<: *common
+              on: $.route
+        """
+    )
+    with pytest.raises(MeterConfigError):  # `common` is an unknown top-level field
+        parse_meters(text)
+    text = text.replace("common: &common\n  method: $.method\n", "").replace(
+        "      <<: *common\n", "      <<: {method: $.method}\n"
+    )
+    (m,) = parse_meters(text).meters
+    assert m.group_paths == {"method": "$.method", "on": "$.route"}
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"description": ""}, "description"),  # Go: "description must not be empty string"
+        ({"description": "x" * 1025}, "description"),  # max 1024 chars
+        ({"name": ""}, "name"),  # 1-256 chars
+        ({"name": "x" * 257}, "name"),
+        ({"name": 5}, "name"),
+        ({"metadata": ["a"]}, "metadata"),  # a string map
+        ({"metadata": {"team": 5}}, "metadata"),
+    ],
+)
+def test_openmeter_text_field_limits(changes: dict, field: str) -> None:
+    problem = only_problem(doc(meter(**changes)))
+    assert_names(problem, "'m1'", field)
+
+
+def test_openmeter_descriptive_fields_load() -> None:
+    text = doc(meter(name="Tokens", description="x" * 1024, metadata={"team": "ai", "tier": "1"}))
+    (m,) = parse_meters(text).meters
+    assert m.description == "x" * 1024
