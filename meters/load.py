@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,13 @@ from meters.model import AGGREGATIONS, PERIODS, RESERVED_COLUMNS, Billing, Meter
 SLUG = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 GROUP_KEY = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_]*$")
 # OpenMeter's meter fields (research §1.1). `name`, `description` and `metadata` are descriptive: checked as
-# OpenMeter checks them, never used in a number.
+# OpenMeter checks them, never used in a number. `eventFrom` is a floor on the times of the events counted.
 METER_FIELDS = {
     "slug",
     "name",
     "description",
     "eventType",
+    "eventFrom",
     "aggregation",
     "valueProperty",
     "groupBy",
@@ -29,6 +31,24 @@ METER_FIELDS = {
 NAME_MAX, DESCRIPTION_MAX = 256, 1024
 BILLING_FIELDS = {"period", "timezone", "anchor_day"}
 TOP_FIELDS = {"meters", "billing"}
+# RFC 3339 with an offset, as event times are read (transforms.validate), in the years event times can hold.
+RFC3339 = re.compile(
+    r"^(1[6-9]\d\d|2[0-2]\d\d)-\d{2}-\d{2}[Tt](?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)$"
+)
+
+
+def _event_from(text: str) -> dt.datetime | None:
+    """An RFC 3339 time with an offset, in the years 1678-2261, as an aware UTC datetime (to the microsecond)."""
+    text = text.strip()
+    match = RFC3339.fullmatch(text)
+    if not match or not "1678" <= match.group(1) <= "2261":
+        return None
+    fraction = (match.group(2) or "")[:7]  # '.' and six digits
+    offset = "+00:00" if match.group(3) in ("Z", "z") else match.group(3)
+    try:
+        return dt.datetime.fromisoformat(f"{text[:10]}T{text[11:19]}{fraction}{offset}").astimezone(dt.UTC)
+    except ValueError:  # a day that does not exist (2024-02-30)
+        return None
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,14 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
         not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
     ):
         bad("metadata", "must be a mapping of names to strings (as in OpenMeter)")
+    event_from = None
+    if "eventFrom" in fields:
+        node_from = fields["eventFrom"][1]
+        # the text written: unquoted, YAML reads it as a timestamp and drops a fraction's last digits
+        written = node_from.value if isinstance(node_from, yaml.ScalarNode) else None
+        event_from = _event_from(written) if isinstance(written, str) else None
+        if event_from is None:
+            bad("eventFrom", f"must be an RFC 3339 time with an offset, e.g. 2024-01-01T00:00:00Z; got {written!r}")
     group_node = fields["groupBy"][1] if "groupBy" in fields else None
     # Keys as written: `on: $.on` is the column `on`, not YAML 1.1's True (nor one column with `yes:`).
     group_by = _text_keys(group_node) if isinstance(group_node, yaml.MappingNode) else raw.get("groupBy") or {}
@@ -222,6 +250,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
         value_property=value_property,
         group_by={str(k): str(v) for k, v in group_by.items()},
         description=description,
+        event_from=event_from,
         value_path=value_path,
         group_paths=group_paths,
     )

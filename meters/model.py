@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import zoneinfo
@@ -43,18 +44,22 @@ class Meter:
     value_property: str | None = None
     group_by: dict[str, str] = field(default_factory=dict)
     description: str | None = None
+    # OpenMeter's eventFrom (aware, UTC): the meter ignores events before it.
+    event_from: dt.datetime | None = None
     # JSONPaths rewritten into the dialect Polars' json_path_match reads (same meaning).
     value_path: str | None = None
     group_paths: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the meter's numbers (description excluded)."""
+        """Hash of everything that changes the meter's numbers (description, name, metadata excluded)."""
         payload = {
             "event_type": self.event_type,
             "aggregation": self.aggregation,
             "value_path": self.value_path,
             "group_paths": list(self.group_paths.items()),
         }
+        if self.event_from is not None:  # only when set: meters without it keep the fingerprints they had
+            payload["event_from"] = self.event_from.isoformat()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

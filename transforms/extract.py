@@ -116,8 +116,11 @@ def extract(events: pl.LazyFrame, meter: Meter) -> pl.LazyFrame:
     """Add `value` (Float64, or text for UNIQUE_COUNT), one String column per groupBy key, and `excluded`.
 
     `excluded` is null when the event counts for this meter, else `missing_value` or `bad_value`.
-    Paths already extracted by `extract_paths` are reused.
+    Paths already extracted by `extract_paths` are reused. Events before the meter's `eventFrom` are left
+    out: OpenMeter ignores them (they are not bad values to report).
     """
+    if meter.event_from is not None:
+        events = events.filter(pl.col("time") >= pl.lit(meter.event_from).cast(pl.Datetime("ns", "UTC")))
     groups = [_text(events, path).alias(key) for key, path in meter.group_paths.items()]
     if meter.aggregation == "COUNT":
         return events.with_columns(*groups, value=pl.lit(1.0), excluded=pl.lit(None, pl.String))

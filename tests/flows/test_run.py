@@ -524,3 +524,32 @@ def test_number_text_of_group_values_in_each_format(tmp_path: Path) -> None:
     got = dict(table(storage, "by_v").select("v", "value").iter_rows())
     # JSONL: 7.0, 7e0 and 7 are "7"; Parquet text: 7.0 and 7e0 are "7.0", 7 is "7"; struct: all three "7.0"
     assert got == {"7": 3 + 1, "7.0": 2 + 3, "2.5": 3, "1e-7": 3, "1e+21": 3}
+
+
+def test_event_from_leaves_earlier_events_out_of_tables_and_quarantine(tmp_path) -> None:
+    """OpenMeter's `eventFrom`: earlier events move no table of that meter and are not reported as bad values;
+    the other meters of the type still count them."""
+    storage = local_root(tmp_path)
+    meters = parse_meters(
+        """
+meters:
+  - {slug: tokens_total, eventType: prompt, aggregation: SUM, valueProperty: $.tokens, eventFrom: 2024-01-01T10:30:00Z}
+  - {slug: prompts, eventType: prompt, aggregation: COUNT}
+"""
+    )
+    land(
+        storage,
+        "b.jsonl",
+        jsonl(
+            [
+                event("1", "2024-01-01T10:00:00Z", data={"tokens": "not a number"}),
+                event("2", "2024-01-01T10:30:00Z", data={"tokens": 5}),
+                event("3", "2024-01-01T11:00:00Z", data={"tokens": 7}),
+            ]
+        ),
+    )
+    pipeline.run(storage, meters, log=lambda _: None)
+    assert table(storage, "tokens_total")["value"].to_list() == [12.0]
+    assert table(storage, "tokens_total", "hourly")["value"].to_list() == [5.0, 7.0]
+    assert table(storage, "prompts")["value"].to_list() == [3.0]
+    assert quarantine(storage).is_empty()

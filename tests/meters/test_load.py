@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import textwrap
 
 import pytest
@@ -823,3 +824,36 @@ def test_openmeter_descriptive_fields_load() -> None:
     text = doc(meter(name="Tokens", description="x" * 1024, metadata={"team": "ai", "tier": "1"}))
     (m,) = parse_meters(text).meters
     assert m.description == "x" * 1024
+
+
+@pytest.mark.parametrize(
+    "written, expected",
+    [
+        ("2024-01-01T00:00:00Z", dt.datetime(2024, 1, 1, tzinfo=dt.UTC)),  # unquoted: a YAML timestamp
+        ("'2024-01-01T01:30:00+01:00'", dt.datetime(2024, 1, 1, 0, 30, tzinfo=dt.UTC)),
+        ('"2024-01-01T00:00:00.25Z"', dt.datetime(2024, 1, 1, 0, 0, 0, 250000, tzinfo=dt.UTC)),
+    ],
+)
+def test_event_from_is_accepted_as_an_rfc3339_time(written: str, expected: dt.datetime) -> None:
+    """OpenMeter's `eventFrom`: events before it are ignored by the meter (research §1.1, §5.1)."""
+    text = f"meters:\n  - slug: m\n    eventType: t\n    aggregation: COUNT\n    eventFrom: {written}\n"
+    (m,) = parse_meters(text).meters
+    assert m.event_from == expected
+
+
+@pytest.mark.parametrize(
+    "written", ["2024-01-01", "2024-01-01T00:00:00", "yesterday", "0001-01-01T00:00:00Z", "5", "'2024-13-01T00:00:00Z'"]
+)
+def test_event_from_must_be_an_rfc3339_time_with_an_offset(written: str) -> None:
+    text = f"meters:\n  - slug: m\n    eventType: t\n    aggregation: COUNT\n    eventFrom: {written}\n"
+    problem = only_problem(text)
+    assert_names(problem, "'m'", "eventFrom")
+    assert problem.line == 5
+
+
+def test_event_from_is_part_of_the_fingerprint_only_when_set() -> None:
+    plain = parse_meters(doc(meter())).meters[0]
+    same = parse_meters(doc(meter(description="other"))).meters[0]
+    later = parse_meters(doc(meter(eventFrom="2024-01-01T00:00:00Z"))).meters[0]
+    assert plain.event_from is None and plain.fingerprint() == same.fingerprint()
+    assert later.fingerprint() != plain.fingerprint()

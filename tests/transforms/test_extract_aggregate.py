@@ -642,3 +642,22 @@ def test_a_key_shaped_like_a_regular_expression_is_read_literally(key: str) -> N
     meters = [make_meter("SUM", path, {"g": "$.g"})]
     for decode in (True, False):
         assert extract_paths(frame, meters, decode=decode).collect()[path_column(path)].to_list() == ["5", None]
+
+
+@pytest.mark.parametrize("aggregation", ["COUNT", "SUM", "UNIQUE_COUNT", "LATEST"])
+def test_events_before_event_from_are_ignored_not_excluded(aggregation: str, engine: str) -> None:
+    """OpenMeter's `eventFrom`: the meter ignores earlier events; they are not bad values to report."""
+    body = {"slug": "m", "eventType": "t", "aggregation": aggregation, "eventFrom": "2024-01-01T10:30:00Z"}
+    if aggregation != "COUNT":
+        body["valueProperty"] = "$.v"
+    meter = parse_meters(json.dumps({"meters": [body]})).meters[0]
+    frame = events(
+        {"time": "2024-01-01T10:29:59.999Z", "data": {"v": 100}},
+        {"time": "2024-01-01T10:00:00Z", "data": {"v": "bad"}},  # before: not reported either
+        {"time": "2024-01-01T10:30:00Z", "data": {"v": 2}},  # eventFrom itself counts
+        {"time": "2024-01-01T10:45:00+00:00", "data": {"v": 3}},
+    )
+    extracted = extract(frame, meter).collect(engine=engine)
+    assert extracted["excluded"].drop_nulls().to_list() == []
+    expected = {"COUNT": 2.0, "SUM": 5.0, "UNIQUE_COUNT": 2.0, "LATEST": 3.0}[aggregation]
+    assert hourly(frame, meter, engine)["value"].to_list() == [expected]

@@ -309,3 +309,21 @@ def test_bad_parameters_raise_one_clear_line(kwargs, message):
     with pytest.raises(QueryError, match=message) as info:
         make_query(METERS.get("duration"), args.pop("start"), args.pop("end"), **args)
     assert "\n" not in str(info.value)
+
+
+def test_event_from_floors_the_query_range() -> None:
+    """OpenMeter: the effective lower bound is max(from, the meter's eventFrom) (research §5.1)."""
+    meter = parse_meters(
+        "meters:\n  - {slug: calls, eventType: request, aggregation: COUNT, eventFrom: '2024-01-02T00:00:00Z'}\n"
+    ).meters[0]
+    df = events(
+        [
+            ("c1", dt.datetime(2024, 1, 1, 12, tzinfo=UTC), {}),
+            ("c1", dt.datetime(2024, 1, 2, 0, tzinfo=UTC), {}),
+            ("c1", dt.datetime(2024, 1, 2, 12, tzinfo=UTC), {}),
+        ]
+    )
+    whole = run_query(df, meter, make_query(meter, "2024-01-01", "2024-01-03", window="DAY"))
+    assert whole["value"].to_list() == [2.0]
+    before = run_query(df, meter, make_query(meter, "2024-01-01", "2024-01-02"))
+    assert before["value"].to_list() == [0.0]  # an unwindowed, ungrouped COUNT: one row of 0
