@@ -560,3 +560,33 @@ def test_number_text_does_not_depend_on_an_escape_elsewhere_in_the_line(escape: 
         ).rows()
     assert texts[True] == texts[False]
     assert texts[False][0] == ("1", '{"w":[1]}')  # the JSONL canonical form (README: 1.0 reads as 1)
+
+
+@pytest.mark.parametrize("form", ["text", "struct"])
+def test_parquet_numbers_read_as_the_same_text_as_in_jsonl(form: str, tmp_path) -> None:
+    # README, "Text of numbers": one payload is one group-by and UNIQUE_COUNT value whichever format landed it;
+    # `7.0` in Parquet (text or a struct's Float64) was "7.0" where JSONL gives "7". Struct fields are floats,
+    # so there the numbers are those a float holds; a string holding a number-like text is left alone.
+    numbers = [*NUMBERS, "70E-1", "7.00", "-3.0", "1.5e3"]
+    if form == "struct":
+        numbers = [repr(float(n)) for n in numbers if n != "12345678901234567890"]
+    docs = ['{"v": ' + n + ', "o": {"w": [' + n + ', 1]}, "s": "a:' + n + ',b"}' for n in numbers]
+    lines = [line(i).replace('{"tokens": ' + str(i) + "}", doc) for i, doc in enumerate(docs)]
+    from_jsonl = parse_jsonl(jsonl(*lines)).records
+    envelope = [{k: v for k, v in event(i).items() if k != "data"} for i in range(len(docs))]
+    if form == "text":
+        df = pl.DataFrame([{**e, "data": doc} for e, doc in zip(envelope, docs, strict=True)])
+    else:
+        data = [json.loads(doc) for doc in docs]
+        df = pl.DataFrame(envelope).with_columns(
+            pl.Series(
+                "data",
+                data,
+                dtype=pl.Struct({"v": pl.Float64, "o": pl.Struct({"w": pl.List(pl.Float64)}), "s": pl.String}),
+            )
+        )
+    from_parquet = parse_parquet(parquet_bytes(df, tmp_path)).records
+    paths = [pl.col("data").str.json_path_match(p).alias(p) for p in ("$.v", "$.o", "$.s")]
+    got, want = from_parquet.select(paths).rows(), from_jsonl.select(paths).rows()
+    assert got == want
+    assert want[0] == ("1", '{"w":[1,1]}', "a:1.0,b")  # 1.0: the integer, as JSONL writes it
