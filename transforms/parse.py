@@ -249,8 +249,15 @@ def _read_all_but(raw: bytes, spans: pl.DataFrame, removed: list[Span], bad: lis
 
 
 def _check_string_types(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
-    """Null out attributes that were JSON numbers, booleans, objects or arrays (Polars stringifies them)."""
-    suspects = records.filter(pl.any_horizontal(pl.col(a).str.contains(_MAYBE_NOT_STRING) for a in STRING_ATTRS))
+    """Null out attributes that were JSON numbers, booleans, objects or arrays (Polars stringifies them), or
+    strings holding a lone surrogate escape (`"\\ud800"`), which Polars reads as NUL: no UTF-8 text can hold
+    one, and as NUL `"\\ud800"` and `"\\udbff"` would be one id (one event dropped as the other's duplicate)."""
+    suspects = records.filter(
+        pl.any_horizontal(
+            pl.col(a).str.contains(_MAYBE_NOT_STRING) | pl.col(a).str.contains("\x00", literal=True)
+            for a in STRING_ATTRS
+        )
+    )
     if suspects.is_empty():
         return records
     fixes: dict[str, list[int]] = {a: [] for a in STRING_ATTRS}
@@ -260,13 +267,24 @@ def _check_string_types(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
         if not isinstance(value, dict):
             continue
         for attr in STRING_ATTRS:
-            if attr in value and value[attr] is not None and not isinstance(value[attr], str):
+            if attr in value and value[attr] is not None and not _is_text(value[attr]):
                 fixes[attr].append(number)
     return records.with_columns(
         pl.when(pl.col("line").is_in(numbers)).then(None).otherwise(pl.col(attr)).alias(attr)
         for attr, numbers in fixes.items()
         if numbers
     )
+
+
+def _is_text(value: object) -> bool:
+    """Whether a parsed JSON value is a string that UTF-8 can hold (no lone surrogate)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _loads_leniently(line: bytes) -> object:

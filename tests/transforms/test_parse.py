@@ -245,6 +245,27 @@ def test_non_string_subject_on_a_line_with_a_lone_surrogate_becomes_null() -> No
     assert records.filter(pl.col("line") == 1)["subject"].to_list() == ["customer-1"]
 
 
+@pytest.mark.parametrize("attr", ["id", "source", "type", "subject"])
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udbff", "x\\ud83dy"], ids=["ud800", "udbff", "inside"])
+def test_attribute_with_a_lone_surrogate_is_not_text(attr: str, escape: str) -> None:
+    # Polars reads a lone high surrogate escape as NUL: ids "\ud800" and "\udbff" became one id (the second
+    # event dropped as its duplicate) and a subject "\ud83d" was billed as "\x00". No UTF-8 text holds a lone
+    # surrogate, so the attribute is not text: it is missing, like a number there.
+    raw = jsonl(line("ok"), line("bad").replace(f'"{event("bad")[attr]}"', f'"{escape}"', 1), line("ok2"))
+    records = parse_jsonl(raw).records
+    assert records.filter(pl.col("line") == 2)[attr].to_list() == [None]
+    assert records.filter(pl.col("line") != 2)["id"].to_list() == ["ok", "ok2"]
+    _valid, rejected = validate(records)
+    assert rejected.select("line", "reason").rows() == [(2, f"missing_{attr}")]
+
+
+def test_attribute_with_an_escaped_nul_or_a_surrogate_pair_is_kept() -> None:
+    raw = jsonl(line("a\x00b"), line("c", subject="\ud83d\ude00"))
+    records = parse_jsonl(raw).records
+    assert records["id"].to_list() == ["a\x00b", "c"]
+    assert records["subject"].to_list() == ["customer-1", "\U0001f600"]
+
+
 @pytest.mark.parametrize("escape", ["\\u005c", "\\u005C", "\\\\"], ids=["u005c", "u005C", "backslash"])
 def test_backslashes_in_data_keep_their_meaning(escape: str) -> None:
     # Polars writes a decoded backslash back raw: "x\\n" (backslash, n) would become a newline, "y\\" broken JSON.
