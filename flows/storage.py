@@ -500,17 +500,26 @@ class Storage:
 
     def _list_local(self, prefix: str, start_after: str | None) -> Iterator[FileInfo]:
         top = self.path(prefix)
-        for folder, dirs, names in os.walk(top):
+        # Linked folders are followed (a producer's folder linked into landing/ holds batches like any other),
+        # except a link back to a folder the walk is inside, which would list the same files forever.
+        for folder, dirs, names in os.walk(top, followlinks=True):
             rel_folder = self._rel(folder) if folder != self.base else ""
             if start_after:  # prune folders whose every path sorts before start_after
                 dirs[:] = [d for d in dirs if not _all_before(_join(rel_folder, d) + "/", start_after)]
+            real = os.path.realpath(folder)
+            dirs[:] = [d for d in dirs if not _is_within(real, os.path.realpath(os.path.join(folder, d)))]
             for name in names:
                 rel = _join(rel_folder, name)
                 if start_after and rel <= start_after:
                     continue
-                with contextlib.suppress(FileNotFoundError):  # deleted while we walked
-                    st = os.stat(os.path.join(folder, name))
-                    yield FileInfo(rel, st.st_size, st.st_mtime)
+                full = os.path.join(folder, name)
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:  # deleted while we walked, or a link to nothing
+                    if os.path.islink(full):  # never silently: its producer meant it to be read
+                        log.warning("%s is a link to %s, which does not exist: skipped", rel, os.readlink(full))
+                    continue
+                yield FileInfo(rel, st.st_size, st.st_mtime)
 
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the immediate sub-folders of `prefix` (partition values), hidden names skipped."""
@@ -695,6 +704,11 @@ class Storage:
 # --- helpers ---------------------------------------------------------------------------------------
 def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether real path `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _all_before(folder_prefix: str, start_after: str) -> bool:

@@ -84,6 +84,30 @@ def test_list_files_start_after_lists_only_later_paths(any_root: Storage) -> Non
         assert listed == [p for p in everything if p > cursor], cursor
 
 
+def test_list_files_follows_a_linked_folder_and_stops_at_a_loop(tmp_path) -> None:
+    # A folder linked into landing/ (a producer's mount) was skipped without a word: its batches were never read.
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "x.jsonl").write_bytes(b"{}\n")
+    root = tmp_path / "root"
+    (root / "landing").mkdir(parents=True)
+    (root / "landing" / "a.jsonl").write_bytes(b"{}\n")
+    (root / "landing" / "linked").symlink_to(outside)
+    (root / "landing" / "loop").symlink_to(root / "landing")  # a link to an ancestor is not walked again
+    files = Storage(str(root)).list_files("landing")
+    assert [f.path for f in files] == ["landing/a.jsonl", "landing/linked/deep/x.jsonl"]
+
+
+def test_list_files_warns_about_a_link_to_nothing(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "root"
+    (root / "landing").mkdir(parents=True)
+    (root / "landing" / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
+        assert Storage(str(root)).list_files("landing") == []
+    assert "landing/gone.jsonl" in caplog.text
+    assert "does not exist" in caplog.text
+
+
 def test_list_dirs_gives_partition_values(any_root: Storage) -> None:
     for value in ("2024-01-01", "2024-02-01", "2023-12-01"):
         any_root.write_bytes(f"usage/m/period/period_start={value}/data.parquet", b"x")
