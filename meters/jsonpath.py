@@ -38,14 +38,24 @@ def _steps(node: object) -> list[str]:
         if len(node.indices) != 1 or node.indices[0] < 0:
             raise JsonPathError("array index must be a single non-negative number")
         return [f"[{node.indices[0]}]"]
-    kind = type(node).__name__
+    kind = type(node).__name__.lstrip("_")  # jsonpath-ng's parser classes: never shown as they are
     hints = {
         "Descendants": "recursive descent (..) can match many values",
         "Slice": "slices can match many values",
         "Filter": "filters can match many values",
         "Wildcard": "wildcards can match many values",
+        "Union": "a union (|) can match many values",
+        "Intersect": "an intersection (&) is not supported",
+        "Where": "`where` can match many values",
+        "WhereNot": "`wherenot` can match many values",
+        "This": "`this` is not supported",
+        "Parent": "`parent` is not supported",
+        "Operation": "arithmetic (+, -, *, /) is not supported",
+        "SortedThis": "sorting ([/field], [\\field]) is not supported",
     }
-    raise JsonPathError(hints.get(kind, f"{kind} is not supported") + "; point at exactly one value")
+    named = {"Len": "len", "Keys": "keys", "Sub": "sub", "Split": "split", "Str": "str"}
+    hint = hints.get(kind) or (f"`{named[kind]}` is not supported" if kind in named else "this form is not supported")
+    raise JsonPathError(hint + "; point at exactly one value")
 
 
 def normalise_path(path: object) -> str:

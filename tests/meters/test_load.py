@@ -420,7 +420,15 @@ BAD_PATHS = {
     "unparseable": ("$.[", "parse"),
     "unparseable_bracket": ("$['tokens'", "parse"),
     "negative_index": ("$.items[-1]", "index"),
-    "union": ("$.a | $.b", "one value"),
+    "union": ("$.a | $.b", "union (|)"),
+    # jsonpath-ng's extensions were named by their parser classes (`_Intersect is not supported`, `This ...`).
+    "intersection": ("$.a & $.b", "intersection (&)"),
+    "this": ("$.`this`", "`this`"),
+    "parent": ("$.a.`parent`", "`parent`"),
+    "arithmetic": ("$.a + $.b", "arithmetic"),
+    "where": ("$.a where $.b", "`where`"),
+    "len": ("$.a.`len`", "`len`"),
+    "sorted": ("$.a[/x]", "sorting"),
     "empty": ("", "non-empty"),
     # The whole object: OpenMeter groups every event under '' (ClickHouse JSON_VALUE of an object), Polars
     # would group by the payload's text, so the two would bill differently.
@@ -434,6 +442,14 @@ def test_bad_value_property_path(case: str) -> None:
     problem = only_problem(doc(meter(valueProperty=path)))
     assert_names(problem, "'m1'", "valueProperty")
     assert hint in problem.message.lower(), problem.message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PATHS))
+def test_bad_path_message_names_no_parser_class(case: str) -> None:
+    path, _hint = BAD_PATHS[case]
+    message = only_problem(doc(meter(valueProperty=path))).message
+    for name in ("_Union", "_Intersect", "This ", "Parent ", "Operation", "Where ", "Len ", "SortedThis"):
+        assert name not in message, message
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PATHS))
