@@ -219,7 +219,7 @@ def _check_lines(raw: bytes, spans: Iterable[Span]) -> tuple[list[Span], list[di
                 continue
             message = f"a JSON {type(value).__name__}, not an object"
         removed.append(span)
-        bad.append({"line": index + 1, "raw": line.decode("utf-8", "replace"), "message": message})
+        bad.append({"line": index + 1, "raw": line.decode("utf-8", "backslashreplace"), "message": message})
     return removed, bad
 
 
@@ -353,7 +353,7 @@ def _repair_data(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
 
 def line_texts(lines: Lines, numbers: list[int]) -> dict[int, str]:
     """The exact text of the given 1-based lines, for quarantine rows."""
-    return {n: line.decode("utf-8", "replace") for n, line in zip(numbers, lines.get(numbers), strict=True)}
+    return {n: line.decode("utf-8", "backslashreplace") for n, line in zip(numbers, lines.get(numbers), strict=True)}
 
 
 def parse_parquet(raw: bytes) -> Parsed:

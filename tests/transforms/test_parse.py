@@ -199,6 +199,8 @@ def test_invalid_utf8_line_is_malformed() -> None:
     parsed = parse_jsonl(raw)
     assert ids_and_lines(parsed.records) == [("1", 1)]
     assert parsed.malformed["line"].to_list() == [2]
+    # The raw text keeps bytes that are not UTF-8 as \\xNN; U+FFFD (the replacement character) would lose them.
+    assert '"cust\\xff"' in parsed.malformed["raw"][0]
 
 
 @pytest.mark.parametrize(

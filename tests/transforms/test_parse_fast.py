@@ -53,12 +53,16 @@ def _reference_check(lines: list[bytes], indexes) -> tuple[list[int], list[dict]
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            bad.append({"line": i + 1, "raw": line.decode("utf-8", "replace"), "message": f"not JSON: {exc}"})
+            bad.append({"line": i + 1, "raw": line.decode("utf-8", "backslashreplace"), "message": f"not JSON: {exc}"})
             continue
         if not isinstance(value, dict):
             kind = type(value).__name__
             bad.append(
-                {"line": i + 1, "raw": line.decode("utf-8", "replace"), "message": f"a JSON {kind}, not an object"}
+                {
+                    "line": i + 1,
+                    "raw": line.decode("utf-8", "backslashreplace"),
+                    "message": f"a JSON {kind}, not an object",
+                }
             )
             continue
         good.append(i)
