@@ -544,6 +544,9 @@ def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started
         "events_stored": result.stored,
         "quarantined": result.quarantined,
         "quarantined_total": sum(result.quarantined.values()),
+        # events_read = events_valid + records_quarantined; an unreadable file is one quarantine row, not a record
+        "records_quarantined": sum(v for k, v in result.quarantined.items() if k != "unreadable_file"),
+        "files_unreadable": result.quarantined.get("unreadable_file", 0),
         "meters_recomputed": sorted(meters),
         "periods_recomputed": sum(m["periods"] for m in meters.values()),
         "hourly_partitions_recomputed": sum(m["hourly_partitions"] for m in meters.values()),
@@ -555,6 +558,14 @@ def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started
     }
 
 
+def _files_apart(summary: dict) -> str:
+    """' (R records, F unreadable files)' when some quarantined rows are whole files: events read counts records."""
+    files = summary.get("files_unreadable", 0)
+    if not files:
+        return ""
+    return f" ({summary['quarantined_total'] - files} records, {files} unreadable file{'s' if files > 1 else ''})"
+
+
 def format_summary(summary: dict) -> str:
     q = ", ".join(f"{k} {v}" for k, v in summary["quarantined"].items()) or "none"
     lines = [
@@ -562,7 +573,7 @@ def format_summary(summary: dict) -> str:
         f"  batches {summary['batches']} (unchanged {summary['batches_unchanged']}), events read {summary['events_read']},"
         f" valid {summary['events_valid']}, duplicates dropped {summary['duplicates_dropped']},"
         f" stored {summary['events_stored']}",
-        f"  quarantined {summary['quarantined_total']}: {q}",
+        f"  quarantined {summary['quarantined_total']}{_files_apart(summary)}: {q}",
         f"  meters recomputed {len(summary['meters_recomputed'])}, periods {summary['periods_recomputed']},"
         f" hourly partitions {summary['hourly_partitions_recomputed']}",
     ]

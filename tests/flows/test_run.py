@@ -163,6 +163,11 @@ def test_unreadable_files_are_quarantined_whole_and_the_run_goes_on(tmp_path: Pa
     run_id = summary["run_id"]  # YYYYMMDDTHHMMSSZ-...
     assert q["date"].to_list() == [f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"] * 2
     assert summary["quarantined"] == {"unreadable_file": 2}
+    # The counts add up: events read = valid + records quarantined; the files are counted apart, and the
+    # printed summary says which is which (it read "events read 2, valid 2 ... quarantined 2").
+    assert (summary["records_quarantined"], summary["files_unreadable"]) == (0, 2)
+    assert summary["events_read"] == summary["events_valid"] + summary["records_quarantined"]
+    assert "quarantined 2 (0 records, 2 unreadable files): unreadable_file 2" in pipeline.format_summary(summary)
     assert values(table(storage, "tokens_total"), "subject") == {("c",): 5.0, ("customer-1",): 3.0}
     # quarantined files are recorded as processed: the next run does not retry them forever
     assert quiet_run(storage)["batches"] == 0
