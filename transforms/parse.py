@@ -19,6 +19,7 @@ from decimal import Decimal
 import orjson
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from polars.exceptions import PanicException
 
@@ -452,10 +453,51 @@ def _read_parquet(raw: bytes, schema: pa.Schema | None) -> pl.DataFrame:
         except (Exception, PanicException) as exc:  # noqa: BLE001
             error = exc
     try:
-        table = pq.read_table(pa.BufferReader(raw))
+        table = _utf8_checked(pq.read_table(pa.BufferReader(raw)))
         return pl.from_arrow(table.cast(pa.schema([f.with_type(_polars_safe(f.type)) for f in table.schema])))
     except (Exception, PanicException) as exc:  # noqa: BLE001 - not readable by either
         raise (error or exc) from None
+
+
+NOT_UTF8 = "<not UTF-8 text>"  # what a `time` or `data` text that is not UTF-8 becomes: bad_time, bad_data
+
+
+def _utf8_checked(table: pa.Table) -> pa.Table:
+    """`table` without text that is not UTF-8, which Polars refuses in a file but takes from pyarrow unchecked
+    (and a later step then fails on, crashing the run). Per row, such a value of `time` or `data` text becomes
+    NOT_UTF8, and of any other column (an attribute: then absent, like bytes; a struct `data`: a null payload)
+    null. Only a file that holds such text pays for the per-row check."""
+    try:
+        table.validate(full=True)
+        return table
+    except pa.ArrowInvalid:
+        pass
+    columns, fields = [], []
+    for field, column in zip(table.schema, table.columns, strict=True):
+        column = column.combine_chunks()
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            if pa.types.is_dictionary(field.type):  # one bad entry of the dictionary is bad for its rows only
+                column = column.dictionary_decode()
+                field = field.with_type(column.type)
+            text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+            # a slice of a nested array is validated with its children whole: each row is taken out on its own
+            rows = (column.slice(i, 1) if text else column.take([i]) for i in range(len(column)))
+            bad = pa.array([not _valid(row) for row in rows], pa.bool_())
+            replacement = NOT_UTF8 if text and field.name in ("time", "data") else None
+            column = pc.if_else(bad, pa.scalar(replacement, field.type), column)
+        columns.append(column)
+        fields.append(field)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def _valid(array: pa.Array) -> bool:
+    try:
+        array.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _polars_safe(t: pa.DataType, top: bool = True) -> pa.DataType:

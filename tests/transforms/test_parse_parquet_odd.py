@@ -524,3 +524,44 @@ def test_odd_struct_data_through_extraction() -> None:
 def test_known_odd_types_go_to_pyarrow_without_a_rust_panic_in_the_logs(capfd, column: dict) -> None:
     check(parquet(envelope(**column)), N)
     assert "panicked" not in capfd.readouterr().err
+
+
+# --- text that is not UTF-8 ---------------------------------------------------------------------------------
+
+
+def not_utf8(values: list[bytes | None]) -> pa.Array:
+    """A text array holding `values` as they are: pyarrow builds it without checking them as UTF-8."""
+    offsets, data = [0], b""
+    for v in values:
+        data += v or b""
+        offsets.append(len(data))
+    mask = pa.array([v is not None for v in values]).buffers()[1] if None in values else None
+    offsets_buffer = pa.array(offsets, pa.int32()).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), len(values), [mask, offsets_buffer, pa.py_buffer(data)])
+
+
+@pytest.mark.parametrize("attr", ["id", "source", "type", "subject"])
+def test_attribute_that_is_not_utf8_is_absent_and_the_other_rows_are_read(attr: str) -> None:
+    # Polars refuses such a file; pyarrow read it unchecked, and the run crashed later with a traceback (and again
+    # on every run after, as the batch was never recorded).
+    raw = parquet(envelope(**{attr: not_utf8([b"ok0", b"c\xff", b"ok2"])}))
+    assert reasons(raw) == [None, f"missing_{attr}", None]
+
+
+def test_dictionary_entry_that_is_not_utf8_is_bad_for_its_rows_only() -> None:
+    subject = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), not_utf8([b"ok", b"c\xff"]))
+    assert reasons(parquet(envelope(subject=subject))) == [None, "missing_subject", None]
+
+
+def test_time_and_data_text_that_is_not_utf8_are_bad() -> None:
+    data = not_utf8([b'{"tokens": 1}', b'{"tokens": "\xfe"}', None])
+    time = not_utf8([b"2024-01-01T00:00:00Z\xff", b"2024-01-01T00:00:00Z", b"2024-01-01T00:00:00Z"])
+    assert reasons(parquet(envelope(data=data))) == [None, "bad_data", None]
+    assert reasons(parquet(envelope(time=time))) == ["bad_time", None, None]
+
+
+def test_struct_data_holding_text_that_is_not_utf8_is_a_null_payload_for_that_row() -> None:
+    data = pa.StructArray.from_arrays([not_utf8([b"a", b"b\xff", b"c"]), pa.array([1, 2, 3])], ["model", "tokens"])
+    parsed, valid, _ = check(parquet(envelope(data=data)), N)
+    assert parsed.records["data"].to_list() == ['{"model":"a","tokens":1}', None, '{"model":"c","tokens":3}']
+    assert valid.height == N
