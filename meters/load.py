@@ -167,11 +167,29 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
             problems.append(
                 Problem(_line(key), f"{where} {name}", "unknown field (a typo here would silently change billing)")
             )
+
+    def got(field: str) -> str:
+        """', got ...' for a field present as something other than text, as the user wrote it."""
+        value = raw.get(field)
+        if field not in fields or value is None or isinstance(value, str):
+            return ""
+        written = fields[field][1]
+        if isinstance(written, yaml.ScalarNode):  # `on`, `no`, `404`, `2024-01-01`: YAML 1.1 reads them as values
+            kind = {"bool": "true/false", "int": "number", "float": "number"}.get(
+                type(value).__name__, type(value).__name__
+            )
+            return f", got {written.value!r} (YAML reads it as a {kind} value, not text: put it in quotes)"
+        return f", got a {'list' if isinstance(written, yaml.SequenceNode) else 'mapping'}"
+
     if not isinstance(slug, str) or not SLUG.fullmatch(slug) or len(slug) > 64:
-        bad("slug", "must be lowercase letters and digits joined by single underscores, 1-64 chars (e.g. tokens_total)")
+        bad(
+            "slug",
+            "must be lowercase letters and digits joined by single underscores, 1-64 chars (e.g. tokens_total)"
+            + got("slug"),
+        )
     event_type = raw.get("eventType")
     if not isinstance(event_type, str) or not event_type:
-        bad("eventType", "is required and must be a non-empty string")
+        bad("eventType", "is required and must be a non-empty string" + got("eventType"))
     aggregation = raw.get("aggregation")
     if aggregation not in AGGREGATIONS:
         bad("aggregation", f"must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
@@ -189,10 +207,14 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
                 bad("valueProperty", f"{value_property!r} {exc}")
     description = raw.get("description")
     if description is not None and (not isinstance(description, str) or not 1 <= len(description) <= DESCRIPTION_MAX):
-        bad("description", f"must be a non-empty string of at most {DESCRIPTION_MAX} characters (as in OpenMeter)")
+        bad(
+            "description",
+            f"must be a non-empty string of at most {DESCRIPTION_MAX} characters (as in OpenMeter)"
+            + got("description"),
+        )
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not 1 <= len(name) <= NAME_MAX):
-        bad("name", f"must be a string of 1-{NAME_MAX} characters (as in OpenMeter)")
+        bad("name", f"must be a string of 1-{NAME_MAX} characters (as in OpenMeter)" + got("name"))
     metadata = raw.get("metadata")
     if metadata is not None and (
         not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())

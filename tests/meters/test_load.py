@@ -302,6 +302,35 @@ def assert_names(problem: Problem, meter_name: str, field: str) -> None:
     assert problem.line is not None and problem.line >= 1, text
 
 
+@pytest.mark.parametrize(
+    ("field", "written", "shown"),
+    [
+        ("eventType", "on", "'on'"),
+        ("eventType", "no", "'no'"),
+        ("eventType", "404", "'404'"),
+        ("eventType", "2024-01-01", "'2024-01-01'"),
+        ("slug", "yes", "'yes'"),
+        ("description", "1.5", "'1.5'"),
+    ],
+)
+def test_an_unquoted_scalar_yaml_reads_as_another_type_is_named_as_written(
+    field: str, written: str, shown: str
+) -> None:
+    # `eventType: on` said "is required and must be a non-empty string": it is there, YAML 1.1 read it as True.
+    text = "meters:\n  - slug: m1\n    eventType: prompt\n    aggregation: COUNT\n"
+    text = text.replace(f"{field}: {BASE.get(field, 'm1')}", f"{field}: {written}")
+    if field == "description":
+        text += f"    description: {written}\n"
+    problem = only_problem(text)
+    assert field in problem.where
+    assert f"got {shown}" in problem.message and "quote" in problem.message, problem.message
+
+
+def test_a_list_where_text_belongs_is_named_by_its_kind() -> None:
+    problem = only_problem("meters:\n  - slug: m1\n    eventType: [a, b]\n    aggregation: COUNT\n")
+    assert "got a list" in problem.message, problem.message
+
+
 def test_valid_base_meter_loads() -> None:
     (m,) = parse_meters(doc(meter())).meters
     assert (m.slug, m.event_type, m.aggregation, m.value_path) == ("m1", "prompt", "SUM", "$.tokens")
