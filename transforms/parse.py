@@ -330,6 +330,9 @@ def _dumps(data: dict) -> str:
         return json.dumps(data, separators=(",", ":"))
 
 
+TOO_DEEP = "<data nested too deeply to re-encode>"  # not a JSON object: the event is bad_data
+
+
 def _repair_data(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
     """Re-encode `data` (orjson, compact) on lines whose text has an escape Polars would write back raw."""
     if b"\\" not in lines.raw or not _UNSAFE_ESCAPE.search(lines.raw):  # `in` (memchr) is 10x faster than re
@@ -340,10 +343,13 @@ def _repair_data(records: pl.DataFrame, lines: Lines) -> pl.DataFrame:
         line = every[number - 1]
         if not _UNSAFE_ESCAPE.search(line):
             continue
-        value = _loads_leniently(line)
-        data = value.get("data") if isinstance(value, dict) else None
-        if isinstance(data, dict):
-            fixed[number] = _dumps(data)
+        try:
+            value = _loads_leniently(line)
+            data = value.get("data") if isinstance(value, dict) else None
+            if isinstance(data, dict):
+                fixed[number] = _dumps(data)
+        except RecursionError:  # nested deeper than Python re-encodes (Polars reads ~1000 levels): never a crash
+            fixed[number] = TOO_DEEP
     if not fixed:
         return records
     repaired = pl.col("line").replace_strict(fixed, default=None, return_dtype=pl.String)

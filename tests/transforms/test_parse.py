@@ -268,6 +268,17 @@ def test_attribute_with_an_escaped_nul_or_a_surrogate_pair_is_kept() -> None:
     assert records["subject"].to_list() == ["customer-1", "\U0001f600"]
 
 
+@pytest.mark.parametrize("depth", [600, 1000])
+def test_deeply_nested_data_with_an_escape_is_bad_data_not_a_crash(depth: int) -> None:
+    # Polars reads ~1000 levels; re-encoding the `data` of a line with an escape (see _repair_data) recursed in
+    # Python and raised RecursionError: a traceback, on every run after too.
+    deep = '{"d":' * depth + '{"tokens": 1, "p": "C:\\\\x"}' + "}" * depth  # json.dumps cannot write it
+    raw = jsonl(line("ok"), line("deep", data=None).replace('"data": null', f'"data": {deep}'), line("ok2"))
+    valid, rejected = validate(parse_jsonl(raw).records)
+    assert valid["id"].to_list() == ["ok", "ok2"]
+    assert rejected.select("line", "reason").rows() == [(2, "bad_data")]
+
+
 @pytest.mark.parametrize("escape", ["\\u005c", "\\u005C", "\\\\"], ids=["u005c", "u005C", "backslash"])
 def test_backslashes_in_data_keep_their_meaning(escape: str) -> None:
     # Polars writes a decoded backslash back raw: "x\\n" (backslash, n) would become a newline, "y\\" broken JSON.
