@@ -375,8 +375,10 @@ def parse_parquet(raw: bytes) -> Parsed:
     """
     try:
         schema: pa.Schema | None = pq.read_schema(pa.BufferReader(raw))  # the footer alone
-    except Exception:  # noqa: BLE001 - no readable footer: the read below says why
-        schema = None
+    except Exception as exc:  # noqa: BLE001 - no readable footer: the read below says why
+        if "too deeply nested" in str(exc):  # Polars died of a stack overflow (no exception) at 500 levels
+            return _unreadable(f"unreadable Parquet: {str(exc).splitlines()[0][:200]}", "parquet")
+        schema = None  # a type pyarrow lacks (128-bit integers) may still be read by Polars
     try:
         df = _read_parquet(raw, schema)
     except (Exception, PanicException) as exc:  # noqa: BLE001 - truncated or corrupt file: quarantine it whole

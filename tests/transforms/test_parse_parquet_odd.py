@@ -7,6 +7,8 @@ import datetime as dt
 import decimal
 import io
 import json
+import subprocess
+import sys
 
 import polars as pl
 import pyarrow as pa
@@ -565,3 +567,25 @@ def test_struct_data_holding_text_that_is_not_utf8_is_a_null_payload_for_that_ro
     parsed, valid, _ = check(parquet(envelope(data=data)), N)
     assert parsed.records["data"].to_list() == ['{"model":"a","tokens":1}', None, '{"model":"c","tokens":3}']
     assert valid.height == N
+
+
+# --- schemas too deep ---------------------------------------------------------------------------------------
+
+
+def test_struct_data_nested_too_deep_is_an_unreadable_file_not_a_crash() -> None:
+    # pyarrow refuses a schema more than 100 levels deep; Polars read it and died of a stack overflow (SIGSEGV,
+    # exit 139) at 500 levels, killing the run, and every run after, before anything was recorded. The file is
+    # parsed in a child process: a crash there fails this test instead of the test run.
+    script = (
+        "import io, sys; import pyarrow as pa, pyarrow.parquet as pq; from transforms.parse import parse_batch\n"
+        "data = pa.StructArray.from_arrays([pa.array([1, 2])], ['tokens'])\n"
+        "for _ in range(500): data = pa.StructArray.from_arrays([data], ['d'])\n"
+        "cols = {k: [v] * 2 for k, v in dict(specversion='1.0', source='s', type='t', subject='c',"
+        " time='2024-01-01T00:00:00Z').items()}\n"
+        "out = io.BytesIO(); pq.write_table(pa.table({**cols, 'id': ['a', 'b'], 'data': data}), out)\n"
+        "parsed = parse_batch(out.getvalue(), 'landing/deep.parquet')\n"
+        "print(parsed.unreadable)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nested" in done.stdout, done.stdout
