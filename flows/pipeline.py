@@ -563,7 +563,8 @@ def _files_apart(summary: dict) -> str:
     files = summary.get("files_unreadable", 0)
     if not files:
         return ""
-    return f" ({summary['quarantined_total'] - files} records, {files} unreadable file{'s' if files > 1 else ''})"
+    records = summary["quarantined_total"] - files
+    return f" ({records} record{'' if records == 1 else 's'}, {files} unreadable file{'' if files == 1 else 's'})"
 
 
 def format_summary(summary: dict) -> str:
