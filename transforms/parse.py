@@ -433,9 +433,11 @@ def numbers_as_jsonl(data: pl.Series) -> pl.Series:
 def _as_jsonl_writes(text: str) -> str:
     try:
         value = orjson.loads(text)
+        return _dumps(value) if isinstance(value, dict) else text
     except orjson.JSONDecodeError:  # not strict JSON (or an integer beyond 64 bits): validation decides
         return text
-    return _dumps(value) if isinstance(value, dict) else text
+    except RecursionError:  # nested deeper than Python re-encodes: kept as sent, never a crash
+        return text
 
 
 def _stored_as_date(schema: pa.Schema | None, name: str) -> bool:

@@ -624,3 +624,10 @@ def test_parquet_numbers_read_as_the_same_text_as_in_jsonl(form: str, tmp_path) 
     got, want = from_parquet.select(paths).rows(), from_jsonl.select(paths).rows()
     assert got == want
     assert want[0] == ("1", '{"w":[1,1]}', "a:1.0,b")  # 1.0: the integer, as JSONL writes it
+
+
+def test_parquet_data_nested_deeper_than_python_recurses_is_kept_as_sent(tmp_path) -> None:
+    # re-encoding a whole number is recursive Python: a payload nested hundreds of levels must not crash the run
+    deep = '{"a":' * 900 + "7.0" + "}" * 900
+    df = pl.DataFrame([{**{k: v for k, v in event(1).items() if k != "data"}, "data": deep}])
+    assert parse_parquet(parquet_bytes(df, tmp_path)).records["data"].to_list() == [deep]
