@@ -19,6 +19,7 @@ from the events themselves, never re-aggregated from published rows.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import zoneinfo
 from dataclasses import dataclass, field
@@ -258,7 +259,10 @@ def utc_dates(q: Query) -> list[str]:
 
 def to_openmeter(df: pl.DataFrame, q: Query) -> dict:
     """The v1 response body: {from, to, windowSize, windowTimeZone, data: [{value, windowStart, windowEnd,
-    subject, groupBy}]}, times in RFC 3339 in the query zone."""
+    subject, groupBy}]}, times in RFC 3339 in the query zone.
+
+    A value beyond Float64 (a SUM past 1.8e308 is infinite, one of +inf and -inf NaN) is null: JSON has no
+    number for it (Python would write `Infinity`, which JSON readers refuse; Go's encoder fails)."""
     zone = zoneinfo.ZoneInfo(q.tz)
     meter_keys = [k for k in q.group_by if k != "subject"]
 
@@ -269,7 +273,7 @@ def to_openmeter(df: pl.DataFrame, q: Query) -> dict:
     for row in df.iter_rows(named=True):
         data.append(
             {
-                "value": row["value"],
+                "value": row["value"] if row["value"] is None or math.isfinite(row["value"]) else None,
                 "windowStart": rfc(row["window_start"]),
                 "windowEnd": rfc(row["window_end"]),
                 "subject": row.get("subject") if "subject" in q.group_by else None,

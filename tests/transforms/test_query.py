@@ -140,6 +140,23 @@ def test_json_rows_are_shaped_like_openmeter_v1():
     assert to_openmeter(run_query(EVENTS, meter, plain), plain)["data"][0]["subject"] is None
 
 
+def test_json_value_beyond_float64_is_null_not_infinity():
+    # two events of 1.7e308 sum past Float64: the table holds inf, and JSON has no number for it
+    meter = METERS.get("duration")
+    query = make_query(meter, FROM, TO, group_by=["subject"])
+    big = EVENTS.with_columns(
+        data=pl.when(pl.col("subject") == "customer-1")
+        .then(pl.col("data").str.replace(r'"duration_ms": *"?[0-9.]+"?', '"duration_ms": 1.7e308'))
+        .otherwise(pl.col("data"))
+    )
+    df = run_query(big, meter, query)
+    assert df.filter(pl.col("subject") == "customer-1")["value"].to_list() == [float("inf")]
+    body = to_openmeter(df, query)
+    values = {row["subject"]: row["value"] for row in body["data"]}
+    assert values["customer-1"] is None and values["customer-2"] == 400.0
+    json.loads(json.dumps(body), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
 # --- time zones ---------------------------------------------------------------------------------------
 def _daily_at_10_local(first: dt.date, days: int) -> pl.DataFrame:
     rows = []
