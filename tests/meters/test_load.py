@@ -443,6 +443,9 @@ BAD_PATHS = {
     # wildcard (the one-parse decoding panics): no consistent single value, so refused.
     "quoted_star": ("$['*']", "several fields"),
     "quoted_star_nested": ('$.usage["*"]', "several fields"),
+    # Two names in one bracket: Polars' json_path_match would read the first and bill it silently.
+    "two_fields": ("$['tokens','pages']", "several fields"),
+    "two_fields_nested": ("$.usage['in','out']", "several fields"),
     "recursive_descent": ("$..tokens", "recursive"),
     "slice": ("$.items[0:2]", "slice"),
     "filter": ("$.items[?(@.qty > 1)]", "filter"),
