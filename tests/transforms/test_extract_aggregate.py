@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
 from meters import Meter, parse_meters
-from transforms.aggregate import aggregate, output_columns
+from transforms.aggregate import (
+    aggregate,
+    combine_partials,
+    output_columns,
+    pack_partials,
+    partial_aggregate,
+    unpack_partials,
+)
 from transforms.dedupe import dedupe
 from transforms.extract import extract
 from transforms.parse import parse_jsonl
@@ -220,6 +228,47 @@ def test_latest_takes_greatest_time_then_id_then_source(engine: str) -> None:
         ],
     )
     assert_frame_equal(hourly(frame, meter, engine), expected, check_row_order=False)
+
+
+# --- partial states combine exactly, however the events are split ------------------------------------
+AGGREGATIONS = ["SUM", "COUNT", "AVG", "MIN", "MAX", "LATEST", "UNIQUE_COUNT"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_partials_of_any_split_combine_to_the_aggregate_at_once(aggregation: str, seed: int) -> None:
+    """A run splits a period by UTC date, so across parts LATEST never meets a tie on time and a later part's
+    times are all later; the partial states must still combine exactly when parts overlap in time: each part
+    keeps its winner's own time, id and source, and the combine breaks ties on them."""
+    rng = random.Random(seed)
+    n = 120
+    times = [dt.datetime(2024, 1, 1, 10, m, tzinfo=dt.UTC) for m in (0, 20, 40)]
+    frame = pl.DataFrame(
+        {
+            "subject": [rng.choice(["c1", "c2", "c3", "c4"]) for _ in range(n)],
+            "time": [rng.choice(times) for _ in range(n)],
+            "id": [f"e{i // 2}" for i in range(n)],  # each id twice, from two sources: ties reach the source
+            "source": ["rs"[i % 2] for i in range(n)],
+            "value": [float(rng.randrange(10)) for _ in range(n)],
+            "chunk": [rng.randrange(3) for _ in range(n)],  # parts that overlap in time
+        }
+    ).sample(fraction=1.0, shuffle=True, seed=seed)
+    meter = make_meter(aggregation, None if aggregation == "COUNT" else "$.v")
+    if aggregation == "UNIQUE_COUNT":
+        frame = frame.with_columns(pl.col("value").cast(pl.Int64).cast(pl.String))
+    rows = frame.lazy().with_columns(
+        pl.col("time").cast(pl.Datetime("ns", "UTC")),
+        window_start=pl.lit(H10, WINDOW),
+        window_end=pl.lit(H11, WINDOW),
+        excluded=pl.lit(None, pl.String),
+    )
+    at_once = aggregate(rows, meter).collect()
+    partials = partial_aggregate(rows, meter, ("chunk",)).collect()
+    assert partials.height == 12  # three parts of each of four subjects: every group combines several states
+    stored = pack_partials(partials, meter)  # through the stored form, as a run keeps them
+    combined = combine_partials(unpack_partials(stored.lazy(), meter), meter).collect()
+    assert at_once.height == 4
+    assert_frame_equal(combined, at_once, check_row_order=False)
 
 
 def test_group_with_only_excluded_values_has_no_row(engine: str) -> None:
