@@ -232,3 +232,23 @@ meters:
     _assert_same_tables(storage, scratch, meters)
     for slug in ("tokens", "prompts", "calls"):
         assert storage.list_dirs(f"usage/{slug}/period") == scratch.list_dirs(f"usage/{slug}/period"), slug
+
+
+def test_a_backfill_rebuilds_neither_its_end_date_nor_the_period_that_ends_where_it_starts(tmp_path: Path) -> None:
+    """[Feb 1, Feb 2) under a changed valueProperty: Feb 1 and February are rebuilt; Feb 2 (the end, excluded)
+    keeps the old numbers, and January, which ends at the range's first instant, is not recomputed."""
+    storage = local_root(tmp_path)
+    days = [event("feb1", "2024-02-01T10:00:00Z", data={"v": 1, "w": 10}), event("feb2", "2024-02-02T10:00:00Z")]
+    days[1]["data"] = {"v": 5, "w": 50}
+    land(storage, "a.jsonl", jsonl(days))
+    run(storage, BOTH)
+    reading_w = meterset(
+        "meters:\n  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.w, groupBy: {model: $.model}}"
+    )
+
+    summary = _backfill(storage, reading_w, (dt.date(2024, 2, 1), dt.date(2024, 2, 2)))
+
+    hourly = all_tables(storage, reading_w)["tokens/hourly"]
+    assert dict(hourly.select("date", "value").iter_rows()) == {"2024-02-01": 10.0, "2024-02-02": 5.0}
+    assert summary["hourly_partitions_recomputed"] == 1
+    assert summary["periods_recomputed"] == 1  # February only
