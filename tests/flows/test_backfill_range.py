@@ -252,3 +252,31 @@ def test_a_backfill_rebuilds_neither_its_end_date_nor_the_period_that_ends_where
     assert dict(hourly.select("date", "value").iter_rows()) == {"2024-02-01": 10.0, "2024-02-02": 5.0}
     assert summary["hourly_partitions_recomputed"] == 1
     assert summary["periods_recomputed"] == 1  # February only
+
+
+@pytest.mark.parametrize(
+    ("zone", "time", "span"),
+    [
+        # 02:00Z on Feb 1 is Jan 31 in New York: a range from Feb 1 (UTC) overlaps January's local period
+        ("America/New_York", "2024-02-01T02:00:00Z", (dt.date(2024, 2, 1), dt.date(2024, 2, 2))),
+        # 23:30Z on Jan 31 is Feb 1 in Berlin: a range up to Feb 1 (UTC) overlaps February's local period
+        ("Europe/Berlin", "2024-01-31T23:30:00Z", (dt.date(2024, 1, 31), dt.date(2024, 2, 1))),
+    ],
+)
+def test_a_backfill_rebuilds_the_local_period_its_utc_range_reaches_across_midnight(
+    tmp_path: Path, zone: str, time: str, span: tuple[dt.date, dt.date]
+) -> None:
+    def meters(path: str) -> MeterSet:
+        return meterset(
+            f"billing: {{timezone: {zone}}}\n"
+            f"meters:\n  - {{slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: {path}}}\n"
+        )
+
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl([event("e", time, data={"v": 1, "w": 10})]))
+    run(storage, meters("$.v"))
+
+    _backfill(storage, meters("$.w"), span)
+
+    period = all_tables(storage, meters("$.w"))["tokens/period"]
+    assert period.select("value").to_series().to_list() == [10.0]  # the other day's period, rebuilt
