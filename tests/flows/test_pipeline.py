@@ -149,3 +149,29 @@ def test_data_text_that_is_not_json_is_quarantined_not_counted(tmp_path: Path) -
     stored = pl.read_parquet(f"{storage.root}/events/**/*.parquet")["id"].sort().to_list()
     assert stored == ["j1", "j3", "k1", "p0"]
     assert pl.read_parquet(f"{storage.root}/usage/requests/period/**/*.parquet")["value"].to_list() == [4.0]
+
+
+def test_a_run_killed_before_its_commit_has_its_tables_redone_even_if_the_batch_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The killed run published January 5 and then died before the manifest: its events are rolled back. The
+    batch is re-landed meanwhile without that event, so the next run's own events do not touch January 5: only
+    the rolled-back run's pending record says that day's tables must be rebuilt (here: deleted)."""
+    storage = local_root(tmp_path)
+    meters = meterset("meters: [{slug: t, eventType: prompt, aggregation: SUM, valueProperty: $.tokens}]")
+    land(storage, "a.jsonl", jsonl([event("1", "2024-01-05T10:00:00Z", data={"tokens": 1})]))
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state, "commit_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(storage, meters)
+    monkeypatch.undo()
+    assert storage.exists(pipeline.hourly_file("t", "2024-01-05"))  # published before the kill
+    land(storage, "a.jsonl", jsonl([event("2", "2024-02-07T10:00:00Z", data={"tokens": 2})]))
+
+    run(storage, meters)
+
+    assert storage.list_dirs("usage/t/hourly") == ["date=2024-02-07"]
+    assert storage.list_dirs("usage/t/period") == ["period_start=2024-02-01"]
