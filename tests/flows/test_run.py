@@ -178,6 +178,18 @@ def test_unreadable_files_are_quarantined_whole_and_the_run_goes_on(tmp_path: Pa
     assert (again["events_read"], again["quarantined"]) == (2, {"unreadable_file": 2})
 
 
+def test_the_summary_counts_each_record_read_once_a_dropped_copy_included(tmp_path: Path) -> None:
+    """A dropped copy is a record read (and valid); its `dedupe` quarantine row is not another record."""
+    storage = local_root(tmp_path)
+    a = event("a", "2024-01-10T10:00:00Z", data={"tokens": 1})
+    land(storage, "1.jsonl", jsonl([a, a, "not json"]), mtime=1_700_000_000)
+    land(storage, "2.jsonl", jsonl([a, event("b", "2024-01-10T11:00:00Z")]), mtime=1_700_000_010)
+    summary = quiet_run(storage)
+    assert (summary["events_read"], summary["events_valid"]) == (5, 4)
+    assert (summary["duplicates_dropped"], summary["events_stored"]) == (2, 2)
+    assert summary["quarantined"] == {"malformed_json": 1}
+
+
 def test_a_key_first_seen_after_ten_thousand_events_is_extracted(tmp_path: Path) -> None:
     storage = local_root(tmp_path)
     base = "2024-01-10T10:{:02d}:00Z"
