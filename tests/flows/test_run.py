@@ -94,6 +94,8 @@ def test_a_second_run_with_nothing_new_changes_nothing(tmp_path: Path) -> None:
         assert {k: v for k, v in touched.items() if k.startswith(prefix)} == {
             k: v for k, v in before.items() if k.startswith(prefix)
         }
+    # and recorded in the manifest: the next run does not read it again
+    assert quiet_run(storage)["batches"] == 0
 
 
 def test_a_backfill_run_twice_writes_the_same_bytes(tmp_path: Path) -> None:
