@@ -388,7 +388,9 @@ def test_kill_during_backfill_then_restart_and_land_more(
     expected = snapshot(expected_root)
     window = (dt.date(2024, 1, 1), dt.date(2024, 2, 10))
     clone(bases["committed"], tmp_path / "probe")
-    total = killer.attempt(tmp_path / "probe", 0, op="backfill", range_=window)["calls"]
+    probe = killer.attempt(tmp_path / "probe", 0, op="backfill", range_=window)
+    total = probe["calls"]
+    assert probe["signal"] is None and total > 5, probe  # the kill points below are real
     for n in kill_points(total, 5):
         root = tmp_path / f"kill-{n}"
         storage = clone(bases["committed"], root)
