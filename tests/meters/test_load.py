@@ -446,6 +446,9 @@ BAD_PATHS = {
     # Two names in one bracket: Polars' json_path_match would read the first and bill it silently.
     "two_fields": ("$['tokens','pages']", "several fields"),
     "two_fields_nested": ("$.usage['in','out']", "several fields"),
+    # Polars' bracket syntax cannot escape these: `$['it's']` would not read the key `it's`.
+    "quote_in_name": ('$["it\'s"]', "quote"),
+    "backslash_in_name": ('$["a\\\\b"]', "backslash"),
     "recursive_descent": ("$..tokens", "recursive"),
     "slice": ("$.items[0:2]", "slice"),
     "filter": ("$.items[?(@.qty > 1)]", "filter"),
