@@ -114,3 +114,13 @@ def test_reingest_counts_the_dropped_copies_of_an_unread_batch_as_a_run_would(tm
     out = _reingest(storage, "2024-01-01", "2024-01-10")
     assert out["duplicates_dropped"] == 1
     assert [r[1] for r in _quarantine(storage)] == ["duplicate"]
+
+
+def test_a_reingest_leaves_the_events_of_its_end_date_as_they_are(tmp_path: Path) -> None:
+    """[Jan 3, Jan 4) re-reads Jan 3 only: Jan 4's stored event is neither stored again nor deleted."""
+    storage = _scratch(tmp_path, [("1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)]))])
+    before = all_tables(storage, METERS)
+    _reingest(storage, "2024-01-03", "2024-01-04")
+    assert _ids(storage) == ["e1", "e2"]
+    for key, table in before.items():
+        assert_tables_match(all_tables(storage, METERS)[key], table, key)
