@@ -500,14 +500,17 @@ class Storage:
 
     def _list_local(self, prefix: str, start_after: str | None) -> Iterator[FileInfo]:
         top = self.path(prefix)
-        # Linked folders are followed (a producer's folder linked into landing/ holds batches like any other),
-        # except a link back to a folder the walk is inside, which would list the same files forever.
+        # Linked folders are followed (a producer's folder linked into landing/ holds batches like any other), each
+        # folder once: a link into the root (a sibling, a folder above, events/) or to a folder already listed
+        # would list the same batches under a second path (the manifest, keyed by path, reads them again) or,
+        # between two folders linked to each other, forever.
+        inside = [os.path.realpath(self.base), os.path.realpath(top)]
+        seen = {os.path.realpath(top)}
         for folder, dirs, names in os.walk(top, followlinks=True):
             rel_folder = self._rel(folder) if folder != self.base else ""
+            dirs[:] = [d for d in sorted(dirs) if _first_visit(os.path.join(folder, d), inside, seen)]
             if start_after:  # prune folders whose every path sorts before start_after
                 dirs[:] = [d for d in dirs if not _all_before(_join(rel_folder, d) + "/", start_after)]
-            real = os.path.realpath(folder)
-            dirs[:] = [d for d in dirs if not _is_within(real, os.path.realpath(os.path.join(folder, d)))]
             for name in names:
                 rel = _join(rel_folder, name)
                 if start_after and rel <= start_after:
@@ -704,6 +707,19 @@ class Storage:
 # --- helpers ---------------------------------------------------------------------------------------
 def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
+
+
+def _first_visit(path: str, inside: list[str], seen: set[str]) -> bool:
+    """Whether to walk into folder `path`: not a link into the root or the listed tree (their folders are listed
+    where they are), nor to a folder holding them, nor to a folder already walked under another path. Records it
+    as walked."""
+    real = os.path.realpath(path)
+    linked_in = any(_is_within(real, folder) or _is_within(folder, real) for folder in inside)  # or above it
+    if real in seen or (os.path.islink(path) and linked_in):
+        log.debug("%s leads to %s, which the listing reaches anyway: not walked again", path, real)
+        return False
+    seen.add(real)
+    return True
 
 
 def _is_within(path: str, folder: str) -> bool:

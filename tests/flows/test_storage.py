@@ -98,6 +98,31 @@ def test_list_files_follows_a_linked_folder_and_stops_at_a_loop(tmp_path) -> Non
     assert [f.path for f in files] == ["landing/a.jsonl", "landing/linked/deep/x.jsonl"]
 
 
+def test_list_files_reads_each_folder_once_whatever_links_reach_it(tmp_path) -> None:
+    # Links between two folders (a -> b, b -> a) were walked until the OS refused ("Too many levels of symbolic
+    # links"): every run failed. A link to a folder the listing reaches anyway (a sibling inside landing/, the
+    # root's own events/, an outside folder linked twice) listed its batches under a second path, which the
+    # manifest (keyed by path) took for new batches: every event read again, quarantined as a duplicate.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.jsonl").write_bytes(b"{}\n")
+    root = tmp_path / "root"
+    for folder in ("landing/a", "landing/b", "events/date=2024-01-01"):
+        (root / folder).mkdir(parents=True)
+    (root / "landing" / "a" / "1.jsonl").write_bytes(b"{}\n")
+    (root / "landing" / "b" / "2.jsonl").write_bytes(b"{}\n")
+    (root / "events" / "date=2024-01-01" / "e.parquet").write_bytes(b"x")
+    (root / "landing" / "a" / "to_b").symlink_to(root / "landing" / "b")
+    (root / "landing" / "b" / "to_a").symlink_to(root / "landing" / "a")
+    (root / "landing" / "c").symlink_to(root / "landing" / "a")
+    (root / "landing" / "ours").symlink_to(root / "events")
+    (root / "landing" / "p1").symlink_to(outside)
+    (root / "landing" / "p2").symlink_to(outside)
+    (root / "landing" / "up").symlink_to(tmp_path)  # holds the root: its events/ and _state/ are no batches
+    files = Storage(str(root)).list_files("landing")
+    assert [f.path for f in files] == ["landing/a/1.jsonl", "landing/b/2.jsonl", "landing/p1/x.jsonl"]
+
+
 def test_list_files_warns_about_a_link_to_nothing(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     (root / "landing").mkdir(parents=True)
