@@ -412,6 +412,13 @@ def parse_parquet(raw: bytes) -> Parsed:
 # for nothing, to the same meaning.
 _DIGIT_THEN_FRACTION_OR_EXPONENT = r"[0-9](?:\.0|[eE])"
 _WHOLE_CANDIDATE = r"[:\[,]\s*-?[0-9]+(?:\.0+|(?:\.[0-9]+)?[eE][+-]?[0-9]+)\s*[,\]}]"
+# A JSON string (passed over whole, so nothing inside one is rewritten), or a number of at most 15 digits and a
+# zero fraction, which a float holds exactly and JSONL writes as those digits (`-3.00` as `-3`). `\b`: the digits
+# start the number. Text that is not JSON may have such a number rewritten too: it is bad_data either way.
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_STRING_OR_ZERO_FRACTION = rf"({_STRING})|(-?\b[0-9]{{1,15}})\.0+([\s,\]}}])"
+# Where plain replacement of `.0,`, `.0}`, `.0]` would be wrong: a string holding `.0`, or 16 digits and more.
+_CAREFUL = rf'^(?:[^"]|{_STRING})*"(?:[^"\\]|\\.)*\.0|[0-9]{{16}}\.0'
 
 
 def numbers_as_jsonl(data: pl.Series) -> pl.Series:
@@ -420,14 +427,29 @@ def numbers_as_jsonl(data: pl.Series) -> pl.Series:
     float64 round trip collapses them the same way.
 
     Parquet `data` is the producer's JSON text or a struct Polars encodes, both of which keep a float's
-    fraction, where the JSONL reader writes a whole number without one. Only rows with a candidate number are
-    parsed (orjson, strict), and one that is not a JSON object is left as it is, for validation to judge.
+    fraction, where the JSONL reader writes a whole number without one. Digits and a zero fraction are rewritten
+    natively; a row with another candidate (`7e0`, `7.00`) is parsed (orjson, strict), and one that is not a
+    JSON object is then left as it is, for validation to judge.
     """
     at = data.str.contains(_DIGIT_THEN_FRACTION_OR_EXPONENT).fill_null(False).arg_true()  # 2x cheaper, a superset
     at = at.filter(data.gather(at).str.contains(_WHOLE_CANDIDATE))
     if not at.len():
         return data
-    return data.scatter(at, pl.Series([_as_jsonl_writes(text) for text in data.gather(at).to_list()], dtype=pl.String))
+    # The usual form (a struct's Float64 `12.0` on every row) natively, so a file of whole floats costs no Python
+    # call per row: by plain text replacement where no string holds `.0` and no number has 16 digits (0.15 s per
+    # 1M rows), else by a regex that passes strings over (0.6 s); Python for what is left (`7e0`, `7.00`).
+    sent = data.gather(at)
+    texts = sent.str.replace_all(".0,", ",", literal=True)
+    texts = texts.str.replace_all(".0}", "}", literal=True).str.replace_all(".0]", "]", literal=True)
+    careful = sent.str.contains(_CAREFUL).fill_null(False).arg_true()
+    if careful.len():
+        texts = texts.scatter(careful, sent.gather(careful).str.replace_all(_STRING_OR_ZERO_FRACTION, "${1}${2}${3}"))
+    left = texts.str.contains(_WHOLE_CANDIDATE).fill_null(False).arg_true()
+    left = left.filter(texts.gather(left).str.replace_all(_STRING, '""').str.contains(_WHOLE_CANDIDATE))
+    if left.len():
+        rest = [_as_jsonl_writes(text) for text in texts.gather(left).to_list()]
+        texts = texts.scatter(left, pl.Series(rest, dtype=pl.String))
+    return data.scatter(at, texts)
 
 
 def _as_jsonl_writes(text: str) -> str:
