@@ -572,8 +572,12 @@ def preview(
     for meter in meterset.meters:
         of_type = events.filter(pl.col("type") == meter.event_type)
         extracted = extract(of_type.lazy(), meter)
-        table, excluded = collect_tables(
-            [period_table(extracted, meter, billing, periods), exclusions(extracted, meter)]
+        table, excluded, counted = collect_tables(
+            [
+                period_table(extracted, meter, billing, periods),
+                exclusions(extracted, meter),
+                extracted.filter(pl.col("excluded").is_null()).select(pl.len()),  # none before eventFrom
+            ]
         )
         table = table.sort(["window_start", "subject", *meter.group_paths], nulls_last=True)
         rows[meter.slug] = table
@@ -590,7 +594,7 @@ def preview(
                 "aggregation": meter.aggregation,
                 "event_type": meter.event_type,
                 "events": of_type.height,
-                "counted": of_type.height - excluded.height,
+                "counted": counted.item(),
                 "excluded": excluded.height,
                 "rows": table.height,
                 "total": table["value"].sum() if table.height else None,

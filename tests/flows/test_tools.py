@@ -308,6 +308,25 @@ def test_preview_without_root_and_mistakes(tmp_path):
         tools.preview(METERS, [str(tmp_path / "notes.txt")])
 
 
+def test_preview_does_not_count_events_before_event_from(tmp_path):
+    # The period table left them out, but `counted` (events of the type minus excluded ones) counted them.
+    sample = tmp_path / "s.jsonl"
+    sample.write_bytes(
+        jsonl(
+            [
+                event("1", "2024-01-01T00:00:00Z", type="t", data={"v": "x"}),
+                event("2", "2024-01-03T00:00:00Z", type="t", data={"v": 2}),
+                event("3", "2024-01-04T00:00:00Z", type="t", data={"v": "x"}),
+            ]
+        )
+    )
+    meters = meterset(
+        "meters:\n  - {slug: m, eventType: t, aggregation: SUM, valueProperty: $.v, eventFrom: '2024-01-02T00:00:00Z'}\n"
+    )
+    totals = tools.preview(meters, [str(sample)]).totals.row(0, named=True)
+    assert (totals["events"], totals["counted"], totals["excluded"], totals["total"]) == (3, 1, 1, 2.0)
+
+
 # --- top table and report -----------------------------------------------------------------------------
 def test_top_table(root):
     top = tools.top_table(root, "tokens_total", "2024-01")
