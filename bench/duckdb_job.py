@@ -13,7 +13,8 @@ Same inputs, same meters, same outputs as one full meterlake run, without meterl
 4. per meter, one ``COPY (SELECT ... GROUP BY ALL) TO '<out>/<slug>/period.parquet'`` and one for
    ``hourly.parquet``: SUM / AVG / MIN / MAX over ``TRY_CAST(json_extract_string(data, path) AS
    DOUBLE)`` kept where finite, COUNT(*), COUNT(DISTINCT text) for UNIQUE_COUNT, ``arg_max`` for
-   LATEST (greatest time, then id, then source), group-by columns via ``json_extract_string``.
+   LATEST (greatest time, then id, then source), group-by columns via ``json_extract_string``; a meter's
+   ``eventFrom`` leaves out its earlier events.
 
 The SQL is generated from the parsed meters file (``meters.load_meters_file``). Billing periods are
 assumed to be UTC calendar months (``date_trunc('month', ...)``); any other billing block is refused.
@@ -159,13 +160,14 @@ def meter_select(meter: Meter, window: str) -> str:
         inner = f", TRY_CAST({_json_text(meter.value_path)} AS DOUBLE) AS v"
         keep = "isfinite(v)"
     cols = ", ".join(["subject", *groups])
+    since = f" AND ts >= TIMESTAMPTZ {_lit(meter.event_from.isoformat())}" if meter.event_from else ""  # eventFrom
     return f"""
 SELECT {cols},
        date_trunc('{unit}', ts) AS window_start,
        date_trunc('{unit}', ts) + {step} AS window_end,
        {value} AS value,
        COUNT(*) AS event_count
-FROM (SELECT *{inner} FROM events WHERE type = {_lit(meter.event_type)})
+FROM (SELECT *{inner} FROM events WHERE type = {_lit(meter.event_type)}{since})
 WHERE {keep}
 GROUP BY ALL
 """
