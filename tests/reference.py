@@ -54,6 +54,7 @@ class RefMeter:
     aggregation: str
     value_property: str | None
     group_by: dict[str, str]
+    event_from_ns: int | None = None  # eventFrom (UTC ns): the meter's earlier events are not counted
 
 
 @dataclass
@@ -85,10 +86,17 @@ def read_meters(text: str) -> tuple[RefBilling, list[RefMeter]]:
             aggregation=m["aggregation"],
             value_property=m.get("valueProperty"),
             group_by=dict(m.get("groupBy") or {}),
+            event_from_ns=_ns(m["eventFrom"]) if "eventFrom" in m else None,
         )
         for m in doc["meters"]
     ]
     return billing, meters
+
+
+def _ns(text: str) -> int:
+    """An RFC 3339 time with an offset (at most microseconds) as UTC nanoseconds."""
+    when = dt.datetime.fromisoformat(text)
+    return (when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * 1000
 
 
 _STEP = re.compile(r"""\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]|\["([^"]*)"\]""")
@@ -238,7 +246,8 @@ def _extract_sql(meter: RefMeter) -> str:
                 f" WHEN ({number}) IS NULL OR NOT isfinite({number}) THEN 'bad_value' END"
             )
         value = f", {number} AS num, {vtext} AS txt, {why} AS why"
-    return f"SELECT *{groups}{value} FROM ev WHERE type = {_sql_text(meter.event_type)}"
+    since = f" AND ns >= {meter.event_from_ns}" if meter.event_from_ns is not None else ""
+    return f"SELECT *{groups}{value} FROM ev WHERE type = {_sql_text(meter.event_type)}{since}"
 
 
 def _agg_sql(aggregation: str) -> str:

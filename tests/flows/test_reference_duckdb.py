@@ -73,6 +73,12 @@ meters:
     eventType: api_call
     aggregation: SUM
     valueProperty: $.items[0]
+  - slug: tokens_since
+    eventType: prompt
+    aggregation: SUM
+    valueProperty: $.tokens
+    groupBy: {model: $.model}
+    eventFrom: "2024-02-29T12:00:00.5+01:00"
 """
 
 BILLINGS = {
