@@ -657,3 +657,14 @@ def test_parquet_whole_numbers_are_rewritten_without_a_python_call_per_row(form:
     assert [json.loads(text) for text in got] == [{"tokens": v, "s": "a:7.0}", "w": [v, 1]} for v in values]
     assert got[0] == '{"tokens":12,"s":"a:7.0}","w":[12,1]}'
     assert got[-1] == '{"tokens":2.5,"s":"a:7.0}","w":[2.5,1]}'
+
+
+def test_rewriting_whole_numbers_never_makes_parquet_text_json(tmp_path) -> None:
+    # `10.0.0` and `1 .0` are not JSON numbers: dropping a `.0` from them would make a bad payload count
+    bad = ['{"v": 10.0.0, "w": 7.0}', '{"w": 7.0, "v": 1 .0}', '{"w":7.0,"v":[1 .0]}', '{"v": 1.0.0}']
+    docs = [*bad, '{"w": 7.0, "v": [1.0,2.0,3.0]}']
+    envelope = {k: v for k, v in event(0).items() if k not in ("id", "data")}
+    df = pl.DataFrame([{**envelope, "id": str(i), "data": doc} for i, doc in enumerate(docs)])
+    valid, rejected = validate(parse_parquet(parquet_bytes(df, tmp_path)).records)
+    assert sorted(rejected["reason"].to_list()) == ["bad_data"] * len(bad)
+    assert valid["data"].to_list() == ['{"w": 7, "v": [1,2,3]}']
