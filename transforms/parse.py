@@ -394,7 +394,10 @@ def parse_parquet(raw: bytes) -> Parsed:
                 have = pl.Date()
             columns.append(_time_text(pl.col(name), have))
         elif name == "data":
-            columns.append(_data_text(pl.col(name), have))
+            text = _data_text(pl.col(name), have)
+            if NOT_UTF8_DATA in df.columns:  # a struct `data` holding text that is not UTF-8: bad_data, not null
+                text = pl.when(pl.col(NOT_UTF8_DATA)).then(pl.lit(NOT_UTF8)).otherwise(text).alias("data")
+            columns.append(text)
         else:  # a non-string attribute is treated as absent: it fails validation with its reason
             text = _as_text(pl.col(name), have)
             columns.append((pl.lit(None, pl.String) if text is None else text).alias(name))
@@ -508,13 +511,18 @@ def _read_parquet(raw: bytes, schema: pa.Schema | None) -> pl.DataFrame:
 
 
 NOT_UTF8 = "<not UTF-8 text>"  # what a `time` or `data` text that is not UTF-8 becomes: bad_time, bad_data
+NOT_UTF8_DATA = (
+    "\x00meterlake: data not UTF-8"  # a column `_utf8_checked` adds: rows whose struct `data` held such text
+)
 
 
 def _utf8_checked(table: pa.Table) -> pa.Table:
     """`table` without text that is not UTF-8, which Polars refuses in a file but takes from pyarrow unchecked
     (and a later step then fails on, crashing the run). Per row, such a value of `time` or `data` text becomes
-    NOT_UTF8, and of any other column (an attribute: then absent, like bytes; a struct `data`: a null payload)
-    null. Only a file that holds such text pays for the per-row check."""
+    NOT_UTF8, and of any other column null (an attribute: then absent, like bytes); a struct `data` holding it
+    is null too, and marked in a column NOT_UTF8_DATA, so the event is bad_data as it would be with the same
+    bytes in text `data` (not a null payload that COUNT bills). Only a file that holds such text pays for the
+    per-row check."""
     try:
         table.validate(full=True)
         return table
@@ -535,6 +543,9 @@ def _utf8_checked(table: pa.Table) -> pa.Table:
             bad = pa.array([not _valid(row) for row in rows], pa.bool_())
             replacement = NOT_UTF8 if text and field.name in ("time", "data") else None
             column = pc.if_else(bad, pa.scalar(replacement, field.type), column)
+            if field.name == "data" and not text:
+                columns.append(bad)
+                fields.append(pa.field(NOT_UTF8_DATA, pa.bool_()))
         columns.append(column)
         fields.append(field)
     return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
