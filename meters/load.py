@@ -227,7 +227,14 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
         written = node_from.value if isinstance(node_from, yaml.ScalarNode) else None
         event_from = _event_from(written) if isinstance(written, str) else None
         if event_from is None:
-            bad("eventFrom", f"must be an RFC 3339 time with an offset, e.g. 2024-01-01T00:00:00Z; got {written!r}")
+            shown = (
+                repr(written)
+                if written is not None
+                else "a list"
+                if isinstance(node_from, yaml.SequenceNode)
+                else "a mapping"
+            )
+            bad("eventFrom", f"must be an RFC 3339 time with an offset, e.g. 2024-01-01T00:00:00Z; got {shown}")
     group_node = fields["groupBy"][1] if "groupBy" in fields else None
     # Keys as written: `on: $.on` is the column `on`, not YAML 1.1's True (nor one column with `yes:`).
     group_by = _text_keys(group_node) if isinstance(group_node, yaml.MappingNode) else raw.get("groupBy") or {}

@@ -902,6 +902,12 @@ def test_event_from_must_be_an_rfc3339_time_with_an_offset(written: str) -> None
     assert problem.line == 5
 
 
+@pytest.mark.parametrize(("written", "shown"), [("[1]", "got a list"), ("{a: 1}", "got a mapping")])
+def test_event_from_that_is_not_text_is_named(written: str, shown: str) -> None:
+    text = f"meters:\n  - slug: m\n    eventType: t\n    aggregation: COUNT\n    eventFrom: {written}\n"
+    assert only_problem(text).message.endswith(shown)
+
+
 def test_event_from_is_part_of_the_fingerprint_only_when_set() -> None:
     plain = parse_meters(doc(meter())).meters[0]
     same = parse_meters(doc(meter(description="other"))).meters[0]
