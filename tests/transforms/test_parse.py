@@ -65,6 +65,13 @@ def test_blank_lines_keep_line_numbers(end: str) -> None:
     assert ids_and_lines(parsed.records) == [("a", 2), ("b", 5), ("c", 7)]
 
 
+def test_one_blank_line_and_no_final_newline_keep_line_numbers() -> None:
+    # as many newlines as records: the row count alone must not be taken for "no blank lines"
+    parsed = parse_jsonl(jsonl(line("a"), "", line("b"), end=""))
+    assert parsed.malformed.is_empty()
+    assert ids_and_lines(parsed.records) == [("a", 1), ("b", 3)]
+
+
 def test_blank_lines_and_a_bad_line_keep_line_numbers() -> None:
     raw = jsonl(line("a"), "", "oops", "", line("b"))
     parsed = parse_jsonl(raw)
