@@ -140,6 +140,14 @@ def test_json_rows_are_shaped_like_openmeter_v1():
     assert to_openmeter(run_query(EVENTS, meter, plain), plain)["data"][0]["subject"] is None
 
 
+def test_json_times_keep_the_sub_second_part_of_unaligned_bounds():
+    meter = METERS.get("calls")
+    query = make_query(meter, "2024-03-05T00:00:00.25Z", "2024-03-05T12:00:00.5+01:00")
+    body = to_openmeter(run_query(EVENTS, meter, query), query)
+    assert (body["from"], body["to"]) == ("2024-03-05T00:00:00.250000Z", "2024-03-05T11:00:00.500000Z")
+    assert (body["data"][0]["windowStart"], body["data"][0]["windowEnd"]) == (body["from"], body["to"])
+
+
 def test_json_value_beyond_float64_is_null_not_infinity():
     # two events of 1.7e308 sum past Float64: the table holds inf, and JSON has no number for it
     meter = METERS.get("duration")
@@ -296,6 +304,8 @@ def test_bounds():
     assert parse_bound("2024-01-01T01:00:00+01:00") == dt.datetime(2024, 1, 1, tzinfo=UTC)
     assert parse_bound("2024-01-01t00:00:00.1234567z") == dt.datetime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
     assert parse_bound(dt.date(2024, 1, 1), "UTC") == dt.datetime(2024, 1, 1, tzinfo=UTC)
+    # a date object is local midnight in the query zone, as the same date written as text is
+    assert parse_bound(dt.date(2024, 1, 1), "Europe/Berlin") == dt.datetime(2023, 12, 31, 23, tzinfo=UTC)
     assert utc_dates(make_query(METERS.get("calls"), "2024-01-01T23:00:00Z", "2024-01-03")) == [
         "2024-01-01",
         "2024-01-02",
