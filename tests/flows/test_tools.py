@@ -134,6 +134,10 @@ def test_query_mistakes(root):
         tools.query(root, METERS, "tokens_total", "2024-01-01", "2024-01-02", group_by=["colour"])
     with pytest.raises(QueryError, match="from must be before to"):
         tools.query(root, METERS, "tokens_total", "2024-01-02", "2024-01-01")
+    # `to` may be the first instant after the years event times can hold, and no later
+    assert tools.query(root, METERS, "calls", "2024-01-01", "2262-01-01")["value"].to_list() == [6.0]
+    with pytest.raises(tools.ToolError, match="outside the years event times can hold"):
+        tools.query(root, METERS, "calls", "2024-01-01", "2262-01-02")
 
 
 # --- quarantine ---------------------------------------------------------------------------------------
@@ -158,6 +162,17 @@ def test_quarantine_counts_and_records(root):
     recent = tools.quarantine(root, since=today - dt.timedelta(days=1))  # records: quarantined today
     assert set(recent["stage"]) == {"envelope", "dedupe"}
     assert tools.quarantine(root, stage="dedupe")["line"].to_list() == [10]
+
+
+def test_quarantine_since_keeps_the_day_itself(root):
+    # meter exclusions are dated by their event's day (e6: 2024-01-05), records by the day they were quarantined
+    on_the_day = tools.quarantine(root, since="2024-01-05", stage="meter")
+    assert sorted(on_the_day["meter"].to_list()) == ["avg_tokens", "tokens_total"]
+    assert tools.quarantine(root, since="2024-01-06", stage="meter").is_empty()
+    run_day = tools.quarantine(root, stage="dedupe")["date"].item()
+    assert set(tools.quarantine(root, since=run_day)["stage"]) == {"envelope", "dedupe"}
+    with pytest.raises(tools.ToolError, match="outside the years event times can hold"):
+        tools.quarantine(root, since="2262-01-01")  # a start, so the first day past them is refused
 
 
 def test_quarantine_mistakes(root):
