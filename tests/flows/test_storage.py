@@ -165,6 +165,63 @@ def test_writes_leave_no_temporary_files(any_root: Storage) -> None:
     assert names == {"data.parquet"}
 
 
+def test_an_overwrite_never_changes_the_file_a_reader_has_open(tmp_path) -> None:
+    # write-then-rename: a reader of the old version reads it whole, never the new bytes or a truncated file
+    storage = Storage(str(tmp_path))
+    rel = "usage/m/period/period_start=2024-01-01/data.parquet"
+    storage.write_bytes(rel, b"old" * 1000)
+    with open(storage.path(rel), "rb") as reader:
+        first = reader.read(3)
+        storage.write_bytes(rel, b"new" * 10)
+        rest = reader.read()
+    assert first + rest == b"old" * 1000
+    assert storage.read_bytes(rel) == b"new" * 10
+
+
+def test_a_write_that_dies_before_its_rename_leaves_nothing_in_the_published_folder(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage(str(tmp_path))
+    rel = "usage/m/period/period_start=2024-01-01/data.parquet"
+
+    def crash(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # the process dies between the write and the rename
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(rel, b"new")
+    left = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path / "usage") for name in names]
+    assert left == []
+
+
+def test_deleting_the_last_file_of_a_root_keeps_the_root(tmp_path) -> None:
+    root = tmp_path / "root"
+    (root / "usage" / "m").mkdir(parents=True)
+    (root / "usage" / "m" / "data.parquet").write_bytes(b"x")
+    storage = Storage(str(root))
+    storage.delete(["usage/m/data.parquet"])
+    assert root.is_dir() and list(root.iterdir()) == []  # empty folders pruned up to the root, not the root
+
+
+def test_list_files_matches_suffixes_in_any_case(tmp_path) -> None:
+    storage = Storage(str(tmp_path))
+    for rel in ("landing/A.JSONL", "landing/b.Parquet", "landing/c.JSONL.GZ", "landing/d.TXT"):
+        storage.write_bytes(rel, b"x")
+    found = [f.path for f in storage.list_files("landing", (".jsonl", ".jsonl.gz", ".parquet"))]
+    assert found == ["landing/A.JSONL", "landing/b.Parquet", "landing/c.JSONL.GZ"]
+
+
+@pytest.mark.s3
+def test_list_files_skips_s3_folder_markers(s3_env: str, s3_root: str) -> None:
+    from fixtures_s3 import s3_client
+
+    bucket = s3_root.removeprefix("s3://").split("/")[0]
+    client = s3_client(s3_env)
+    client.put_object(Bucket=bucket, Key="prefix/landing/2024/", Body=b"")  # what consoles create for a folder
+    client.put_object(Bucket=bucket, Key="prefix/landing/2024/a.jsonl", Body=b"x")
+    assert [f.path for f in Storage(s3_root).list_files("landing")] == ["landing/2024/a.jsonl"]
+
+
 def test_parquet_round_trip_with_plain_string_columns(any_root: Storage) -> None:
     df = pl.DataFrame({"subject": ["a", "b", None], "value": [1.5, 2.0, 3.25]})
     any_root.write_parquet("t/x.parquet", df, row_group_size=2)
@@ -376,6 +433,82 @@ def test_a_garbled_reply_is_transient() -> None:
     from botocore.parsers import ResponseParserError
 
     assert storage_module._classify(ResponseParserError("Unable to parse response, invalid XML"))[0] == "transient"
+
+
+def _client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "kind"),
+    [
+        ("SlowDown", 503, "transient"),
+        ("TooManyRequests", 429, "transient"),
+        ("RequestTimeout", 400, "transient"),  # S3 sends these with a 4xx status: still worth retrying
+        ("OperationAborted", 409, "transient"),
+        ("XAmzContentSHA256Mismatch", 400, "transient"),
+        ("InternalError", 500, "transient"),
+        ("BadGateway", 502, "transient"),
+        ("AccessDenied", 403, "denied"),
+        ("403", 403, "denied"),  # a HEAD has no body: only its status says why
+        ("InvalidAccessKeyId", 403, "credentials"),
+        ("SignatureDoesNotMatch", 403, "credentials"),
+        ("ExpiredToken", 400, "credentials"),
+        ("NoSuchBucket", 404, "no_bucket"),
+        ("NotImplemented", 501, "unsupported"),
+        ("ConditionalRequestConflict", 409, "conflict"),
+        ("PreconditionFailed", 412, "other"),
+        ("InvalidArgument", 400, "other"),  # a request that will fail the same way again: never retried
+        ("EntityTooLarge", 400, "other"),
+    ],
+)
+def test_s3_errors_are_classified_transient_or_permanent(code: str, status: int, kind: str) -> None:
+    wrapped = OSError("translated by s3fs")
+    wrapped.__cause__ = _client_error(code, status)
+    assert storage_module._classify(_client_error(code, status))[0] == kind
+    assert storage_module._classify(wrapped)[0] == kind
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (TimeoutError("timed out"), "transient"),
+        (ConnectionResetError("reset by peer"), "transient"),
+        (PermissionError("Access Denied"), "denied"),
+        (ValueError("bad request"), "other"),
+    ],
+)
+def test_errors_without_an_s3_response_are_classified(error: Exception, kind: str) -> None:
+    assert storage_module._classify(error)[0] == kind
+
+
+def _s3_storage_with_put(monkeypatch: pytest.MonkeyPatch, put: Callable[..., None], stored: bytes) -> Storage:
+    settings = S3Settings(endpoint_url="http://127.0.0.1:9", region="us-east-1", key=FAKE_KEY, secret=FAKE_SECRET)
+    storage = Storage("s3://bucket/x", settings, retry=RetryPolicy(attempts=2, first_delay=0.001, max_delay=0.001))
+    monkeypatch.setattr(storage.fs, "pipe_file", put)
+    monkeypatch.setattr(storage.fs, "cat_file", lambda path, **kw: stored)
+    return storage
+
+
+def test_an_s3_conditional_put_losing_a_race_in_flight_is_not_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    def put(path: str, data: bytes, mode: str = "overwrite") -> None:
+        raise OSError("conflict") from _client_error("ConditionalRequestConflict", 409)
+
+    assert _s3_storage_with_put(monkeypatch, put, b"theirs").create_exclusive("_state/lock.json", b"ours") is False
+
+
+@pytest.mark.parametrize(("stored", "created"), [(b"ours", True), (b"theirs", False)])
+def test_an_s3_create_whose_response_was_lost_is_ours_only_if_the_object_holds_our_bytes(
+    monkeypatch: pytest.MonkeyPatch, stored: bytes, created: bool
+) -> None:
+    # the first attempt's PUT got through but its response was lost: the retry finds the key taken
+    def put(path: str, data: bytes, mode: str = "overwrite") -> None:
+        raise FileExistsError(path)
+
+    storage = _s3_storage_with_put(monkeypatch, put, stored)
+    assert storage.create_exclusive("_state/lock.json", b"ours") is created
 
 
 def test_without_fail_fast_an_endpoint_that_never_answers_is_retried(
