@@ -188,3 +188,61 @@ def test_run_records_of_the_same_second_come_in_the_order_they_finished(tmp_path
     # the last two: the window reaches back over the whole second, then keeps the two that finished last
     assert [r["run_id"] for r in state.read_run_records(storage, last=2)] == [r for r, _ in records[1:]]
     assert state.read_run_records(storage, last=0) == []
+
+
+def _manifest_row(i: int, run_id: str) -> dict:
+    return {"path": f"landing/b{i}.jsonl", "size": i, "mtime": float(i), "etag": "", "batch": f"b{i}", "run_id": run_id}
+
+
+def test_the_manifest_is_compacted_past_its_file_limit_without_losing_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state, "COMPACT_AFTER", 3)
+    storage = local_root(tmp_path)
+    for i in range(3):
+        state.commit_manifest(storage, f"r{i}", [_manifest_row(i, f"r{i}")])
+    assert len(storage.list_files(state.MANIFEST)) == 3  # at the limit: left as they are
+    state.commit_manifest(storage, "r3", [])  # a run without batches commits too
+    assert len(storage.list_files(state.MANIFEST)) == 1
+    state.commit_manifest(storage, "r4", [_manifest_row(4, "r4")])
+    assert state.committed_runs(storage) == {"r0", "r1", "r2", "r3", "r4"}
+    paths = set(state.read_manifest(storage)["path"].to_list()) - {""}
+    assert paths == {f"landing/b{i}.jsonl" for i in (0, 1, 2, 4)}
+
+
+def test_a_run_that_records_a_batch_again_is_committed(tmp_path: Path) -> None:
+    # a re-ingest records batches already in the manifest: its rows must still show it committed
+    storage = local_root(tmp_path)
+    state.commit_manifest(storage, "first", [_manifest_row(1, "first")])
+    state.commit_manifest(storage, "reingest", [_manifest_row(1, "reingest")])
+    assert state.committed_runs(storage) == {"first", "reingest"}
+    assert state.read_manifest(storage).height == 1
+
+
+def test_a_re_landed_file_with_new_content_is_a_second_manifest_row(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    state.commit_manifest(storage, "r1", [_manifest_row(1, "r1")])
+    state.commit_manifest(storage, "r2", [{**_manifest_row(1, "r2"), "size": 9, "mtime": 9.0, "batch": "b1-again"}])
+    assert sorted(state.read_manifest(storage)["batch"].to_list()) == ["b1", "b1-again"]
+
+
+def test_refreshing_the_lock_extends_its_expiry(tmp_path: Path) -> None:
+    storage = local_root(tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    state.acquire_lock(storage, "mine", ttl_seconds=3600, now=now - dt.timedelta(minutes=50))  # 10 minutes left
+    state.refresh_lock(storage, "mine", ttl_seconds=3600)
+    _, expires = state.read_lock(storage)
+    assert expires >= now + dt.timedelta(minutes=59)
+
+
+def test_a_create_that_reports_success_but_holds_another_runs_lock_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # on an S3 endpoint without conditional writes, a create is check-then-put: another run's PUT can land
+    # right after ours; the read-back must find the lock is not ours
+    storage = local_root(tmp_path)
+    state.acquire_lock(storage, "other", ttl_seconds=3600)
+    monkeypatch.setattr(storage, "create_exclusive", lambda rel, data: True)
+    with pytest.raises(state.LockHeld, match="other"):
+        state.acquire_lock(storage, "mine", ttl_seconds=3600)
+    assert storage.read_json(state.LOCK)["run_id"] == "other"
