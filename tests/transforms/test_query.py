@@ -137,7 +137,9 @@ def test_json_rows_are_shaped_like_openmeter_v1():
         "groupBy": {"path": None},  # missing group value: null
     }
     plain = make_query(meter, FROM, TO)
-    assert to_openmeter(run_query(EVENTS, meter, plain), plain)["data"][0]["subject"] is None
+    plain_body = to_openmeter(run_query(EVENTS, meter, plain), plain)
+    assert plain_body["data"][0]["subject"] is None
+    assert "windowSize" not in plain_body  # OpenMeter leaves it out without a window
 
 
 def test_json_times_keep_the_sub_second_part_of_unaligned_bounds():
@@ -296,6 +298,9 @@ def test_filters_on_group_values():
     assert q("duration", FROM, TO, filters={"method": ["GET", "PUT"]}, frame=frame)["value"].to_list() == [5.0]
     grouped = q("duration", FROM, TO, group_by=["method"], frame=frame)
     assert grouped.select("method", "value").rows() == [("GET", 1.0), ("POST", 2.0), ("PUT", 4.0), (None, 8.0)]
+    twice = q("duration", FROM, TO, group_by=["method", "subject", "method"], frame=frame)
+    assert twice.columns == ["window_start", "window_end", "subject", "method", "value"]
+    assert twice.select("method", "value").rows() == grouped.select("method", "value").rows()
 
 
 # --- parameters ---------------------------------------------------------------------------------------
@@ -329,6 +334,7 @@ def test_bounds():
         ({"group_by": ["model"]}, "invalid group by: 'model'"),
         ({"filters": {"model": "x"}}, "invalid group by filter: 'model'"),
         ({"filters": {"subject": "x"}}, "--subject"),
+        ({"subjects": ["customer-1", ""]}, "a subject cannot be empty"),
     ],
 )
 def test_bad_parameters_raise_one_clear_line(kwargs, message):
