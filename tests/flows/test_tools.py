@@ -138,6 +138,8 @@ def test_query_mistakes(root):
     assert tools.query(root, METERS, "calls", "2024-01-01", "2262-01-01")["value"].to_list() == [6.0]
     with pytest.raises(tools.ToolError, match="outside the years event times can hold"):
         tools.query(root, METERS, "calls", "2024-01-01", "2262-01-02")
+    with pytest.raises(tools.ToolError, match="outside the years event times can hold"):
+        tools.query(root, METERS, "calls", "1677-12-31", "2024-01-01")
 
 
 # --- quarantine ---------------------------------------------------------------------------------------
@@ -241,6 +243,20 @@ def test_status(root):
     assert tools.lock_holder(root) is None
     without_meters = tools.status(root)
     assert sorted(without_meters["slug"]) == sorted(m.slug for m in METERS.meters)
+
+
+def test_runs_tell_an_interrupted_run_from_a_committed_one_left_to_clean_up(tmp_path):
+    storage = local_root(tmp_path)
+    state.write_pending(storage, state.Pending("20240101T000000Z-aaaaaa"))  # died before its commit point
+    state.write_pending(storage, state.Pending("20240101T000001Z-bbbbbb"))
+    state.commit_manifest(storage, "20240101T000001Z-bbbbbb", [])  # died after it, before its record
+    got = dict(tools.runs(storage).select("run_id", "status").iter_rows())
+    assert got == {"20240101T000000Z-aaaaaa": "interrupted", "20240101T000001Z-bbbbbb": "committed, cleanup pending"}
+
+
+def test_a_new_meter_on_a_root_without_events_is_not_stale(tmp_path):
+    st = tools.status(local_root(tmp_path), METERS)
+    assert set(st["definition"]) == {"new"} and set(st["stale"]) == {False}
 
 
 def test_status_flags_changed_and_new_meters(root):
