@@ -105,6 +105,7 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USER, EXIT_STORAGE, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what Typer returns for a Ctrl-C
 EXIT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool stopped by a closed pipe
 
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Storage root: a folder or s3://bucket/prefix.")]
@@ -1071,6 +1072,19 @@ def _usage_message(exc) -> str:
     return f"{message} (see {' '.join(['meterlake', *names])} --help)"
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` was raised while handling a Ctrl-C or SIGTERM: a library that catches the KeyboardInterrupt
+    and fails in its own cleanup (Prefect's task engine, interrupted while it starts a task run, raises
+    'ValueError: Task run is not set') must not turn a stop into an 'unexpected' failure with exit 1."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         with _guarded_stdout():
@@ -1089,6 +1103,8 @@ def _main(argv: list[str] | None) -> int:
         _say("aborted")
         return EXIT_FAIL
     except Exception as exc:
+        if _interrupted(exc):  # stopped as any Ctrl-C is (Typer's 130; `main` makes a SIGTERM 143)
+            return EXIT_INTERRUPTED
         # Known errors, matched without importing their modules (flows.state would import Polars even
         # for `validate` or `--help`)
         if _raised_by(exc, "meters", "MeterConfigError"):

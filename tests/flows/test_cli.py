@@ -931,6 +931,38 @@ def test_stopping_a_run_releases_the_lock(env, capsys, tmp_path, signum):
     assert code == 0, err
 
 
+INTERRUPT_TURNED_INTO_ANOTHER_ERROR = """
+import sys
+sys.path.insert(0, {repo!r})
+from flows import pipeline
+
+def interrupted(storage):  # what Prefect's task engine does with a Ctrl-C while it starts a task run
+    try:
+        raise KeyboardInterrupt
+    except BaseException:
+        raise ValueError("Task run is not set")
+
+pipeline.find_new_batches = interrupted
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_that_a_library_turned_into_another_error_is_still_130(env, tmp_path):
+    # Seen in CI: Ctrl-C while Prefect started a task run came back as 'unexpected ValueError: Task run is not
+    # set', exit 1, instead of the 130 of every other Ctrl-C.
+    root = local_root(tmp_path)
+    script = INTERRUPT_TURNED_INTO_ANOTHER_ERROR.format(repo=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "run", "--root", root.root, "--meters", env["meters"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 130 and "unexpected" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not Path(root.path("_state/lock.json")).exists()
+
+
 @pytest.mark.parametrize(
     "body",
     [
