@@ -399,6 +399,7 @@ def run(
     run_id = state.new_run_id(now)
     storage.check_root(create=not storage.is_s3)
     state.wait_for_lock(storage, run_id, lock_ttl, lock_wait, log)
+    keeper = state.LockKeeper(storage, run_id, lock_ttl)
     try:
         redo, stale = runner.step("recover", recover, storage)
         batches = runner.step("find-new-batches", find_new_batches, storage)
@@ -421,6 +422,7 @@ def run(
         summary["stale_periods"] = stale_periods(storage, fingerprints)
         state.write_run_record(storage, run_id, summary)
     finally:
+        keeper.stop()
         _release(storage, run_id)
     log(format_summary(summary))
     return summary
@@ -683,6 +685,7 @@ def backfill(
     run_id = state.new_run_id()
     storage.check_root()
     state.wait_for_lock(storage, run_id, lock_ttl, lock_wait, log)
+    keeper = state.LockKeeper(storage, run_id, lock_ttl)
     try:
         redo, stale = runner.step("recover", recover, storage)
         if reingest_landing:  # re-read events move every meter of their types, not only the selected ones
@@ -712,6 +715,7 @@ def backfill(
         storage.delete(recompute.orphan_periods(storage, selected.meters, meterset.billing, *utc, local))
         if progress:
             progress(1, 1, "done")
+        state.refresh_lock(storage, run_id, lock_ttl)  # still ours (LockKeeper), before the definitions are recorded
         all_dates = history_dates(storage, list(selected.meters))
         covers_all = not all_dates or (all_dates[0] >= start.isoformat() and all_dates[-1] < end.isoformat())
         fps = update_fingerprints(
@@ -723,6 +727,7 @@ def backfill(
         out["range"] = [start.isoformat(), end.isoformat()]
         state.write_run_record(storage, run_id, out)
     finally:
+        keeper.stop()
         _release(storage, run_id)
     log(format_summary(out))
     return out

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -271,7 +272,7 @@ def wait_for_lock(
             sleep(min(LOCK_POLL_SECONDS, left))
 
 
-def refresh_lock(storage: Storage, run_id: str, ttl_seconds: int) -> None:
+def refresh_lock(storage: Storage, run_id: str, ttl_seconds: float) -> None:
     lock = read_lock(storage)  # damaged mid-run: LockUnreadable, exit 4, as at the start
     if lock is None:
         raise LockHeld("lost the run lock: its file is gone")
@@ -281,6 +282,43 @@ def refresh_lock(storage: Storage, run_id: str, ttl_seconds: int) -> None:
     now = dt.datetime.now(dt.UTC)
     held["expires_at"] = (now + dt.timedelta(seconds=ttl_seconds)).isoformat()
     storage.write_json(LOCK, held)
+
+
+class LockKeeper:
+    """Refreshes the run lock every quarter of its TTL while a run or backfill holds it.
+
+    Without it the lock was refreshed only between a run's phases, and never in a backfill: one phase or one
+    backfill longer than the TTL (two hours: a large backfill) let the next scheduled run take the lock over as a
+    crashed run's and work beside it. A crashed run's lock still expires: the thread dies with its process.
+    A refresh that finds the lock lost stops the keeping; the run's next `refresh_lock` raises LockHeld. One
+    that fails on storage is tried again at the next beat (the lock is still valid for most of its TTL).
+    """
+
+    def __init__(self, storage: Storage, run_id: str, ttl_seconds: float) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if ttl_seconds <= 0:  # a lock expired at once (tests of killed runs): nothing to keep
+            return
+        interval = ttl_seconds / 4
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    refresh_lock(storage, run_id, ttl_seconds)
+                except LockHeld:
+                    return
+                except Exception:  # noqa: BLE001 - storage trouble: the next beat tries again
+                    continue
+
+        self._thread = threading.Thread(target=beat, name="meterlake-lock-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop refreshing, and wait for a refresh in flight: one landing after the release would bring the lock
+        back and block the next run until it expired."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def release_lock(storage: Storage, run_id: str) -> None:

@@ -6,13 +6,14 @@ import datetime as dt
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from flows import state, tools
+from flows import pipeline, recompute, state, tools
 
-from support import local_root
+from support import event, jsonl, land, local_root, meterset
 
 
 def test_releasing_leaves_another_runs_lock_in_place(tmp_path: Path) -> None:
@@ -246,3 +247,34 @@ def test_a_create_that_reports_success_but_holds_another_runs_lock_is_not_taken(
     with pytest.raises(state.LockHeld, match="other"):
         state.acquire_lock(storage, "mine", ttl_seconds=3600)
     assert storage.read_json(state.LOCK)["run_id"] == "other"
+
+
+@pytest.mark.parametrize("op", ["run", "backfill"])
+def test_a_run_longer_than_its_lock_ttl_keeps_the_lock(tmp_path: Path, monkeypatch, op: str) -> None:
+    # The lock was refreshed only between a run's phases, and never in a backfill: one longer than the TTL (two
+    # hours: a large backfill) let the next scheduled run take the lock over as a crashed run's and work beside it.
+    storage = local_root(tmp_path)
+    meters = meterset("meters:\n  - slug: c\n    eventType: t\n    aggregation: COUNT\n")
+    land(storage, "b.jsonl", jsonl([event("e1", "2024-01-10T10:00:00Z", type="t")]))
+    pipeline.run(storage, meters, log=lambda _: None)
+    module, name = (pipeline, "find_new_batches") if op == "run" else (recompute, "range_scope")
+    slow_step, seen = getattr(module, name), []
+
+    def slow(*args):
+        time.sleep(1.5)  # the TTL below, 0.4 s, three times over
+        try:
+            state.acquire_lock(storage, "another-run", 60)
+            seen.append("taken over")
+        except state.LockHeld:
+            seen.append("held")
+        return slow_step(*args)
+
+    monkeypatch.setattr(module, name, slow)
+    if op == "run":
+        pipeline.run(storage, meters, log=lambda _: None, lock_ttl=0.4)
+    else:
+        pipeline.backfill(storage, meters, dt.date(2024, 1, 1), dt.date(2024, 2, 1), log=lambda _: None, lock_ttl=0.4)
+    assert seen == ["held"]
+    assert not storage.exists(state.LOCK)  # released, and no refresh in flight brought it back
+    time.sleep(0.3)
+    assert not storage.exists(state.LOCK)
