@@ -422,14 +422,15 @@ def run(
         summary["stale_periods"] = stale_periods(storage, fingerprints)
         state.write_run_record(storage, run_id, summary)
     finally:
-        keeper.stop()
-        _release(storage, run_id)
+        _release(storage, run_id, keeper)
     log(format_summary(summary))
     return summary
 
 
-def _release(storage: Storage, run_id: str) -> None:
-    """Release the lock without hiding the run's own error (storage may be the thing that failed)."""
+def _release(storage: Storage, run_id: str, keeper: state.LockKeeper) -> None:
+    """Release the lock without hiding the run's own error (storage may be the thing that failed); its keeper
+    first, so that no refresh in flight brings it back."""
+    keeper.stop()
     try:
         state.release_lock(storage, run_id)
     except Exception as exc:  # noqa: BLE001 - the lock expires by itself; the original error matters more
@@ -727,7 +728,6 @@ def backfill(
         out["range"] = [start.isoformat(), end.isoformat()]
         state.write_run_record(storage, run_id, out)
     finally:
-        keeper.stop()
-        _release(storage, run_id)
+        _release(storage, run_id, keeper)
     log(format_summary(out))
     return out

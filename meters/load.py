@@ -100,6 +100,11 @@ def _text_keys(node: yaml.MappingNode) -> dict:
     return yaml.load(yaml.serialize(node), Loader=_TextKeys)  # a SafeLoader: safe types only
 
 
+def _shape(node: yaml.Node) -> str:
+    """What a field written as a collection is, for messages."""
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+
+
 def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
@@ -179,7 +184,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
                 type(value).__name__, type(value).__name__
             )
             return f", got {written.value!r} (YAML reads it as a {kind} value, not text: put it in quotes)"
-        return f", got a {'list' if isinstance(written, yaml.SequenceNode) else 'mapping'}"
+        return f", got {_shape(written)}"
 
     if not isinstance(slug, str) or not SLUG.fullmatch(slug) or len(slug) > 64:
         bad(
@@ -227,13 +232,7 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
         written = node_from.value if isinstance(node_from, yaml.ScalarNode) else None
         event_from = _event_from(written) if isinstance(written, str) else None
         if event_from is None:
-            shown = (
-                repr(written)
-                if written is not None
-                else "a list"
-                if isinstance(node_from, yaml.SequenceNode)
-                else "a mapping"
-            )
+            shown = repr(written) if written is not None else _shape(node_from)
             bad("eventFrom", f"must be an RFC 3339 time with an offset, e.g. 2024-01-01T00:00:00Z; got {shown}")
     group_node = fields["groupBy"][1] if "groupBy" in fields else None
     # Keys as written: `on: $.on` is the column `on`, not YAML 1.1's True (nor one column with `yes:`).

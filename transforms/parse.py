@@ -475,9 +475,9 @@ def _as_jsonl_writes(text: str) -> str:
     try:
         value = orjson.loads(text)
         return _dumps(value) if isinstance(value, dict) else text
-    except orjson.JSONDecodeError:  # not strict JSON (or an integer beyond 64 bits): validation decides
-        return text
-    except RecursionError:  # nested deeper than Python re-encodes: kept as sent, never a crash
+    # not strict JSON (or an integer beyond 64 bits): validation decides; nested deeper than Python re-encodes:
+    # kept as sent, never a crash
+    except (orjson.JSONDecodeError, RecursionError):
         return text
 
 
@@ -523,17 +523,12 @@ def _utf8_checked(table: pa.Table) -> pa.Table:
     is null too, and marked in a column NOT_UTF8_DATA, so the event is bad_data as it would be with the same
     bytes in text `data` (not a null payload that COUNT bills). Only a file that holds such text pays for the
     per-row check."""
-    try:
-        table.validate(full=True)
+    if _valid(table):
         return table
-    except pa.ArrowInvalid:
-        pass
     columns, fields = [], []
     for field, column in zip(table.schema, table.columns, strict=True):
         column = column.combine_chunks()
-        try:
-            column.validate(full=True)
-        except pa.ArrowInvalid:
+        if not _valid(column):
             if pa.types.is_dictionary(field.type):  # one bad entry of the dictionary is bad for its rows only
                 column = column.dictionary_decode()
                 field = field.with_type(column.type)
@@ -551,7 +546,7 @@ def _utf8_checked(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def _valid(array: pa.Array) -> bool:
+def _valid(array: pa.Array | pa.Table) -> bool:
     try:
         array.validate(full=True)
     except pa.ArrowInvalid:
