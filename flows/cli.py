@@ -105,6 +105,7 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USER, EXIT_STORAGE, EXIT_LOCKED = 0, 1, 2, 3, 4
+_SERVE_STOPPED: list[bool] = []  # set once `serve` serves: a Ctrl-C then stops it with 0, by decision
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what Typer returns for a Ctrl-C
 EXIT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool stopped by a closed pipe
 
@@ -371,6 +372,7 @@ def serve(
     # 143 would leave a systemd unit "failed" after `systemctl stop` (its clean statuses are 0 and death by the
     # signal). Prefect's runner catches Ctrl-C and ends SIGTERM with sys.exit(0) (its handler replaces main's
     # while it runs); that exit is taken here, so that the command line ends as after any command.
+    _SERVE_STOPPED.append(True)  # from here a Ctrl-C ends serve cleanly (see main)
     try:
         prefect_serve(
             hourly_flow.to_deployment(name="hourly", cron=cron, parameters=params, concurrency_limit=one),
@@ -998,23 +1000,32 @@ def main(argv: list[str] | None = None) -> int:
     # thread can install a handler; Prefect's flow engine and `serve` install their own while they run.
     terminated: list[int] = []
 
-    def on_sigterm(signum, frame) -> None:
-        terminated.append(signum)
+    # A Ctrl-C is recorded too: the KeyboardInterrupt it raises can be lost, when it lands in a Python callback
+    # that native code calls and ignores the exception of (Polars reading JSONL, seen in CI), and the command must
+    # not then end with 0 as if it had not been stopped.
+    interrupted: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        (terminated if signum == signal.SIGTERM else interrupted).append(signum)
         raise KeyboardInterrupt
 
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    _SERVE_STOPPED.clear()
     if argv is None:
         _whole_writes()
     try:
         code = _main(argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if terminated:
         _say("meterlake: stopped by SIGTERM")
         code = 128 + signal.SIGTERM
+    elif interrupted and code == EXIT_OK and not _SERVE_STOPPED:
+        _say("meterlake: stopped by Ctrl-C (after its work had finished)")
+        code = EXIT_INTERRUPTED
     if argv is None:
         try:  # now rather than at exit, where a reader gone meanwhile would print 'Exception ignored ...'
             if sys.stdout is not None:  # None: started without standard output (`>&-`)

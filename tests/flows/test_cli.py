@@ -948,6 +948,41 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+CTRL_C_LOST_IN_NATIVE_CODE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from flows import pipeline
+
+found = pipeline.find_new_batches
+
+def swallowed(storage):  # what a Python callback called from Polars' native code does with a Ctrl-C
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+    return found(storage)
+
+pipeline.find_new_batches = swallowed
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_ctrl_c_lost_in_native_code_still_ends_the_command_with_130(env, tmp_path):
+    # Seen in CI: a Ctrl-C landing in a Python callback of Polars' JSONL reader was ignored ('Exception ignored in:
+    # DataTypeClass ... KeyboardInterrupt'), the run went on to the end and the command exited 0.
+    root = local_root(tmp_path)
+    script = CTRL_C_LOST_IN_NATIVE_CODE.format(repo=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "run", "--root", root.root, "--meters", env["meters"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "meterlake: stopped by Ctrl-C (after its work had finished)"
+
+
 def test_ctrl_c_that_a_library_turned_into_another_error_is_still_130(env, tmp_path):
     # Seen in CI: Ctrl-C while Prefect started a task run came back as 'unexpected ValueError: Task run is not
     # set', exit 1, instead of the 130 of every other Ctrl-C.

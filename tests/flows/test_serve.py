@@ -355,6 +355,8 @@ def test_ctrl_c_in_a_terminal_interrupts_a_flow_run_on_the_temporary_server_at_o
     assert took < 20, f"{took:.1f} s\n{tail(log)}"
     # A Ctrl-C while Prefect's task engine starts a task run makes it fail in its own cleanup ('Task run is not
     # set'; the flow run Failed, with Prefect's traceback in its log): seen once in CI. The command still exits
-    # 130 (cli._interrupted); the flow run's final state is Prefect's to report.
-    if "Task run is not set" not in text:
+    # 130 (cli._interrupted); the flow run's final state is Prefect's to report. A Ctrl-C that lands in a Python
+    # callback of Polars' native code is lost there (also seen once): the run completes, and the command still
+    # exits 130 (cli.main records the signal).
+    if "Task run is not set" not in text and "after its work had finished" not in text:
         assert "Finished in state Crashed" in text and "Traceback" not in text, tail(log)
