@@ -26,7 +26,7 @@ import pytest
 import flows.storage as storage_module
 from flows import tools
 from flows.cli import main
-from flows.storage import RetryPolicy
+from flows.storage import RetryPolicy, Storage
 
 from fixtures_s3 import closed_port
 from support import event, jsonl, land, local_root, meterset, run
@@ -968,17 +968,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_ctrl_c_lost_in_native_code_still_ends_the_command_with_130(env, tmp_path):
-    # Seen in CI: a Ctrl-C landing in a Python callback of Polars' JSONL reader was ignored ('Exception ignored in:
-    # DataTypeClass ... KeyboardInterrupt'), the run went on to the end and the command exited 0.
+def _run_patched(script: str, env, tmp_path) -> tuple[subprocess.CompletedProcess[str], Storage]:
+    """`meterlake run` on a fresh root in a process of its own, with `script` patching the pipeline first."""
     root = local_root(tmp_path)
-    script = CTRL_C_LOST_IN_NATIVE_CODE.format(repo=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-c", script, "run", "--root", root.root, "--meters", env["meters"]],
+        [sys.executable, "-c", script.format(repo=str(REPO)), "run", "--root", root.root, "--meters", env["meters"]],
         capture_output=True,
         text=True,
         timeout=120,
     )
+    return proc, root
+
+
+def test_a_ctrl_c_lost_in_native_code_still_ends_the_command_with_130(env, tmp_path):
+    # Seen in CI: a Ctrl-C landing in a Python callback of Polars' JSONL reader was ignored ('Exception ignored in:
+    # DataTypeClass ... KeyboardInterrupt'), the run went on to the end and the command exited 0.
+    proc, _ = _run_patched(CTRL_C_LOST_IN_NATIVE_CODE, env, tmp_path)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "meterlake: stopped by Ctrl-C (after its work had finished)"
 
@@ -986,14 +991,7 @@ def test_a_ctrl_c_lost_in_native_code_still_ends_the_command_with_130(env, tmp_p
 def test_ctrl_c_that_a_library_turned_into_another_error_is_still_130(env, tmp_path):
     # Seen in CI: Ctrl-C while Prefect started a task run came back as 'unexpected ValueError: Task run is not
     # set', exit 1, instead of the 130 of every other Ctrl-C.
-    root = local_root(tmp_path)
-    script = INTERRUPT_TURNED_INTO_ANOTHER_ERROR.format(repo=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, "run", "--root", root.root, "--meters", env["meters"]],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc, root = _run_patched(INTERRUPT_TURNED_INTO_ANOTHER_ERROR, env, tmp_path)
     assert proc.returncode == 130 and "unexpected" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not Path(root.path("_state/lock.json")).exists()
 
