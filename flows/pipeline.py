@@ -61,6 +61,8 @@ class IngestResult:
     valid: int = 0
     duplicates: int = 0
     stored: int = 0
+    # re-ingest only: events the range held in events/ that no landed batch holds any more
+    removed: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
     # event type -> {"dates": UTC dates, "local_dates": billing-zone dates} of the events stored
     touched: dict[str, dict[str, list[str]]] = field(default_factory=dict)
@@ -545,6 +547,7 @@ def _summary(run_id: str, kind: str, result: IngestResult, meters: dict, started
         "events_valid": result.valid,
         "duplicates_dropped": result.duplicates,
         "events_stored": result.stored,
+        "events_removed": result.removed,
         "quarantined": result.quarantined,
         "quarantined_total": sum(result.quarantined.values()),
         # events_read = events_valid + records_quarantined; an unreadable file is one quarantine row, not a record
@@ -581,6 +584,12 @@ def format_summary(summary: dict) -> str:
         f"  meters recomputed {len(summary['meters_recomputed'])}, periods {summary['periods_recomputed']},"
         f" hourly partitions {summary['hourly_partitions_recomputed']}",
     ]
+    if removed := summary.get("events_removed"):  # a re-ingest's totals can fall: say why
+        lines.insert(
+            2,
+            f"  removed from events/: {removed} event{'' if removed == 1 else 's'} of the range that no landed"
+            " batch holds any more (re-ingest reads landing/ as it is now)",
+        )
     for slug, rows in summary["rows_written"].items():
         lines.append(f"    {slug}: {rows['period']} period rows, {rows['hourly']} hourly rows")
     for slug, periods in summary.get("stale_periods", {}).items():
@@ -622,6 +631,7 @@ def reingest(storage: Storage, run_id: str, meterset: MeterSet, start: dt.date, 
     kept = conform(pl.concat([kept_all.filter(in_range), outside]), EVENT)
     by_date = event_files_by_date(storage)
     old = [p for d, paths in by_date.items() if first <= d < last for p in paths]
+    removed = _gone(storage, old, kept_all.filter(in_range))
     # a batch that no longer has a rejected record must not keep the quarantine file of an earlier ingest
     rejected = set(quarantine["batch"].to_list())
     stale = {batch_quarantine_file(r["batch"]) for r in rows if r["batch"] not in rejected}
@@ -650,10 +660,22 @@ def reingest(storage: Storage, run_id: str, meterset: MeterSet, start: dt.date, 
         # the dropped copies a run would count: those of the range, and all of the batches no run had read
         duplicates=dups.filter(in_range | unread).height,
         stored=kept.height,
+        removed=removed,
         quarantined=dict(sorted(reasons.items())),
         touched=touched,
         files=files,
     )
+
+
+def _gone(storage: Storage, stored: list[str], kept: pl.DataFrame) -> int:
+    """How many events of the `stored` files a re-ingest drops (their batch left landing/ or changed).
+
+    A re-ingest reads landing/ as it is now, so billing totals can fall; the summary must say why.
+    """
+    if not stored:
+        return 0
+    before = storage.scan_parquet(stored).select(KEY).unique().collect()
+    return before.join(kept.select(KEY).unique(), on=KEY, how="anti", nulls_equal=True).height
 
 
 def backfill(

@@ -124,3 +124,25 @@ def test_a_reingest_leaves_the_events_of_its_end_date_as_they_are(tmp_path: Path
     assert _ids(storage) == ["e1", "e2"]
     for key, table in before.items():
         assert_tables_match(all_tables(storage, METERS)[key], table, key)
+
+
+def test_reingest_says_how_many_stored_events_no_landed_batch_holds_any_more(tmp_path: Path) -> None:
+    """A batch deleted from landing/ (and a re-landed one without an event) takes its events out of the range."""
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)]), mtime=1_700_000_000)
+    land(storage, "2.jsonl", jsonl([_ev(3, 5), _ev(4, 20)]), mtime=1_700_000_010)
+    land(storage, "3.jsonl", jsonl([_ev(5, 6)]), mtime=1_700_000_020)
+    run(storage, METERS)
+    storage.delete(["landing/2.jsonl"])
+    land(storage, "1.jsonl", jsonl([_ev(1, 3)]), mtime=1_700_000_030)  # e2 is gone from its new version
+    land(storage, "4.jsonl", jsonl([_ev(6, 7)]), mtime=1_700_000_040)  # new: stored, not removed
+    lines: list[str] = []
+    out = pipeline.backfill(
+        storage, METERS, dt.date(2024, 1, 1), dt.date(2024, 1, 10), reingest_landing=True, log=lines.append
+    )
+    assert out["events_removed"] == 2  # e2 and e3; e4 lies outside the range and stays
+    assert "removed from events/: 2 events of the range" in lines[-1]
+    assert _ids(storage) == ["e1", "e4", "e5", "e6"]
+    again = _reingest(storage, "2024-01-01", "2024-01-10")
+    assert again["events_removed"] == 0
+    assert run(storage, METERS)["events_removed"] == 0
