@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -93,6 +94,19 @@ class _TextKeys(yaml.SafeLoader):
             key = key_node.value if plain else self.construct_object(key_node, deep=deep)
             out[key if plain else str(key)] = self.construct_object(value_node, deep=deep)
         return out
+
+
+class _AliasLines(yaml.SafeLoader):
+    """A loader that composes an alias (`*m`) as a copy of its anchor's node marked where the alias is written,
+    so that two meters made from one anchor are reported at their own lines (a copy shares its anchor's items)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if not self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        twin = copy.copy(super().compose_node(parent, index))
+        twin.start_mark = mark
+        return twin
 
 
 def _text_keys(node: yaml.MappingNode) -> dict:
@@ -287,9 +301,9 @@ def _check_meter(node: yaml.Node, index: int, problems: list[Problem]) -> Meter 
 def _check_repeated_keys(node: yaml.Node, problems: list[Problem], where: str = "", seen: set | None = None) -> None:
     """PyYAML silently keeps the last of two equal keys: a repeated field would silently change billing."""
     seen = set() if seen is None else seen
-    if id(node) in seen:  # an alias to a node already checked (or a recursive one)
+    if id(node.value) in seen:  # an alias to a node already checked (or a recursive one; aliases share `value`)
         return
-    seen.add(id(node))
+    seen.add(id(node.value))
     if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _check_repeated_keys(item, problems, f"{where}[{index}]", seen)
@@ -311,7 +325,7 @@ def parse_meters(text: str, source: str = "meters file") -> MeterSet:
     """Validate a meters document; raise MeterConfigError listing every problem."""
     try:
         yaml.safe_load(text)  # unknown tags (`!foo x`) fail here, with their line, not later in _plain
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_AliasLines)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None

@@ -914,3 +914,15 @@ def test_event_from_is_part_of_the_fingerprint_only_when_set() -> None:
     later = parse_meters(doc(meter(eventFrom="2024-01-01T00:00:00Z"))).meters[0]
     assert plain.event_from is None and plain.fingerprint() == same.fingerprint()
     assert later.fingerprint() != plain.fingerprint()
+
+
+def test_a_meter_repeated_through_an_alias_is_reported_at_the_alias() -> None:
+    text = "meters:\n  - &m\n    slug: a\n    eventType: t\n    aggregation: COUNT\n  - *m\n"
+    problem = only_problem(text)
+    assert (problem.line, "duplicate slug (first defined on line 2)") == (6, problem.message), str(problem)
+
+
+def test_a_repeated_key_inside_an_aliased_meter_is_reported_once() -> None:
+    text = "meters:\n  - &m {slug: a, eventType: t, aggregation: COUNT, eventType: u}\n  - {<<: *m, slug: b}\n"
+    found = problems_of(text)
+    assert [p.line for p in found if "repeated key" in p.message] == [2], [str(p) for p in found]
