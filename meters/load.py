@@ -123,11 +123,24 @@ def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def _mapping(node: yaml.Node) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+MERGE = "tag:yaml.org,2002:merge"
+
+
+def _mapping(node: yaml.Node, depth: int = 0) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """A mapping's fields by name, merge keys (`<<: *defaults`) resolved as YAML (and OpenMeter's loader) does:
+    a field written in the mapping wins over a merged one, and an earlier merged mapping over a later one."""
     out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+    merged: dict[str, tuple[yaml.Node, yaml.Node]] = {}
     for key, value in node.value:
-        out[str(key.value)] = (key, value)
-    return out
+        if key.tag != MERGE:
+            out[str(key.value)] = (key, value)
+            continue
+        sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        for source in sources:  # a well-formed merge (checked by safe_load): mappings only
+            if isinstance(source, yaml.MappingNode) and depth < 50:  # a recursive anchor ends somewhere
+                for name, pair in _mapping(source, depth + 1).items():
+                    merged.setdefault(name, pair)
+    return {**merged, **out}
 
 
 def _check_billing(node: yaml.Node, problems: list[Problem]) -> Billing:

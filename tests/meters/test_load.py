@@ -926,3 +926,36 @@ def test_a_repeated_key_inside_an_aliased_meter_is_reported_once() -> None:
     text = "meters:\n  - &m {slug: a, eventType: t, aggregation: COUNT, eventType: u}\n  - {<<: *m, slug: b}\n"
     found = problems_of(text)
     assert [p.line for p in found if "repeated key" in p.message] == [2], [str(p) for p in found]
+
+
+def test_merge_keys_share_a_meters_fields_and_written_fields_win() -> None:
+    text = textwrap.dedent(
+        """\
+        meters:
+          - &tokens
+            slug: tokens_in
+            eventType: prompt
+            aggregation: SUM
+            valueProperty: $.tokens.in
+            groupBy: {model: $.model}
+          - <<: *tokens
+            slug: tokens_out
+            valueProperty: $.tokens.out
+          - <<: [{slug: calls, aggregation: COUNT}, *tokens]
+            valueProperty: null
+            groupBy: {}
+        """
+    )
+    tokens_in, tokens_out, calls = parse_meters(text).meters
+    assert (tokens_out.slug, tokens_out.event_type, tokens_out.aggregation) == ("tokens_out", "prompt", "SUM")
+    assert (tokens_out.value_path, tokens_out.group_paths) == ("$.tokens.out", {"model": "$.model"})
+    # the first merged mapping wins over a later one; the fields written in the meter win over both
+    assert (calls.slug, calls.aggregation, calls.event_type, calls.group_paths) == ("calls", "COUNT", "prompt", {})
+    assert tokens_in.fingerprint() != tokens_out.fingerprint()
+
+
+def test_a_merged_meter_is_checked_like_a_written_one() -> None:
+    text = "meters:\n  - &m {slug: a, eventType: t, aggregation: COUNT}\n  - {<<: *m, aggregation: SUMM}\n"
+    found = problems_of(text)
+    assert any("duplicate slug" in p.message and p.line == 3 for p in found), [str(p) for p in found]
+    assert any("aggregation" in p.where and "SUMM" in p.message for p in found), [str(p) for p in found]
