@@ -27,6 +27,9 @@ UTC = dt.UTC
 NS = 1_000_000_000
 HOUR_NS = 3600 * NS
 DAY_NS = 24 * HOUR_NS
+# The UTC instants an event may have: 1678-01-01T00:00Z (inclusive) .. 2262-01-01T00:00Z (exclusive).
+FIRST_NS = (dt.date(1678, 1, 1) - dt.date(1970, 1, 1)).days * DAY_NS
+END_NS = (dt.date(2262, 1, 1) - dt.date(1970, 1, 1)).days * DAY_NS
 
 ENVELOPE_REASONS = (
     "malformed_json",
@@ -196,7 +199,7 @@ SELECT ord, file, line, j, ns,
         WHEN NOT {_ok_string("type")} THEN 'missing_type'
         WHEN NOT {_ok_string("subject")} THEN 'missing_subject'
         WHEN coalesce(json_type(j, '$.time'), 'NULL') = 'NULL' THEN 'missing_time'
-        WHEN ns IS NULL THEN 'bad_time'
+        WHEN ns IS NULL OR ns < {FIRST_NS} OR ns >= {END_NS} THEN 'bad_time'  -- the UTC instant in 1678-2261 too
         WHEN coalesce(json_type(j, '$.data'), 'NULL') NOT IN ('NULL', 'OBJECT') THEN 'bad_data'
     END AS reason
 FROM ns_time;

@@ -22,7 +22,7 @@ REASONS = {
     "missing_type": "type is absent, null, empty or not a string",
     "missing_subject": "subject is absent, null, empty or not a string",
     "missing_time": "time is absent or null",
-    "bad_time": "time is not RFC 3339 with an offset (e.g. 2024-01-01T00:00:00Z), or its year is not 1678-2261",
+    "bad_time": "time is not RFC 3339 with an offset (e.g. 2024-01-01T00:00:00Z), or it is not in 1678-2261 (UTC)",
     "bad_data": "data is present but is not a JSON object or null (or is not valid JSON)",
 }
 
@@ -43,7 +43,13 @@ def parse_time(text: pl.Expr) -> pl.Expr:
     # (year 1 became 1755), so years outside 1678-2261 are refused (four-digit text compares like numbers).
     year = text.str.slice(0, 4)
     in_range = (year >= MIN_YEAR) & (year <= MAX_YEAR)
-    return pl.when(text.str.contains(RFC3339) & in_range).then(parsed).otherwise(None).cast(TIME)
+    # The UTC instant too: `2261-12-31T23:59:59-01:00` is 2262-01-01 in UTC, an `events/` date outside the days
+    # that backfills and queries take, so a meter could never be rebuilt over it.
+    first, end = (
+        pl.lit(dt.datetime.combine(d, dt.time(), dt.UTC)).cast(TIME) for d in (FIRST_EVENT_DAY, END_EVENT_DAY)
+    )
+    in_days = (parsed >= first) & (parsed < end)
+    return pl.when(text.str.contains(RFC3339) & in_range & in_days).then(parsed).otherwise(None).cast(TIME)
 
 
 # A surrogate escape (\ud800-\udfff): Polars' JSON reader takes a lone one, orjson (and I-JSON) does not.

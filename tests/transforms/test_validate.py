@@ -106,6 +106,25 @@ def test_years_at_the_edges_of_the_range_are_kept(time: str, utc: str) -> None:
     assert valid["time"].dt.strftime("%Y-%m-%dT%H:%M:%S%.f").to_list() == [utc]
 
 
+@pytest.mark.parametrize(
+    "time", ["2261-12-31T23:59:59-01:00", "2261-12-31T22:00:00-02:00", "1678-01-01T00:00:00+01:00"]
+)
+def test_a_time_whose_utc_instant_leaves_the_years_is_bad_time(time: str) -> None:
+    # Its year is in range as written, but the UTC instant (and so its `events/` date) is not: stored, it sat
+    # on 2262-01-01 or 1677-12-31, where no backfill or query may reach (they take 1678-01-01..2262-01-01),
+    # so a changed meter could never be rebuilt over it (`meterlake status` printed a refused command).
+    assert reason_of(record(time=time)) == "bad_time"
+
+
+@pytest.mark.parametrize(
+    ("time", "utc"),
+    [("2261-12-31T23:59:59+01:00", "2261-12-31T22:59:59"), ("1678-01-01T00:30:00-01:00", "1678-01-01T01:30:00")],
+)
+def test_an_offset_that_keeps_the_utc_instant_in_the_years_is_kept(time: str, utc: str) -> None:
+    valid, _ = run(record(time=time))
+    assert valid["time"].dt.strftime("%Y-%m-%dT%H:%M:%S").to_list() == [utc]
+
+
 def test_numeric_time_is_bad_time() -> None:
     assert reason_of(record(time=1704067200)) == "bad_time"
 
