@@ -1,14 +1,16 @@
 """Window assignment: UTC hours, and billing periods that start at local midnights (DST-aware).
 
-Billing periods are computed per distinct local date in Python with zoneinfo: there are only as many
-dates as days of history, and it keeps DST gaps, anchor-day clamping and ISO weeks exact and readable.
+Billing periods are computed per distinct local date in Python: there are only as many dates as days of
+history, and it keeps DST gaps, anchor-day clamping and ISO weeks exact and readable. Every time-zone rule
+comes from Polars (the tz database built into it), for local dates and period bounds alike: Python's
+zoneinfo reads the host's database or the `tzdata` package, another version, and where two versions
+disagree an event was counted in a period whose window does not hold it.
 """
 
 from __future__ import annotations
 
 import calendar
 import datetime as dt
-import zoneinfo
 
 import polars as pl
 
@@ -52,27 +54,49 @@ def period_dates(day: dt.date, period: str, anchor_day: int = 1) -> tuple[dt.dat
 
 
 def local_midnight(day: dt.date, tz: str) -> dt.datetime:
-    """The first instant of a local day, in UTC (a skipped midnight maps to the first real instant)."""
-    zone = zoneinfo.ZoneInfo(tz)
-    naive = dt.datetime(day.year, day.month, day.day)
-    aware = naive.replace(tzinfo=zone)
-    # A midnight inside a DST gap does not exist; fold=0 resolves it to the moment after the gap.
-    return aware.astimezone(UTC)
+    """The first instant of a local day, in UTC (see `local_midnights`)."""
+    return local_midnights([day], tz)[day]
+
+
+def local_midnights(days: list[dt.date], tz: str) -> dict[dt.date, dt.datetime]:
+    """The first instant of each local day, in UTC: the first instant whose local date (by Polars' rules, as in
+    `local_date`) is that day. A midnight that occurs twice is the earlier one; one skipped by a DST jump maps
+    to the first instant of the day that exists. One Polars call for all the days; a skipped midnight (a
+    few days a year in a few zones) is then searched for on its own."""
+    wanted = sorted(set(days))
+    naive = pl.Series([dt.datetime(d.year, d.month, d.day) for d in wanted], dtype=pl.Datetime("us"))
+    aware = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+    utc = aware.dt.convert_time_zone("UTC").dt.replace_time_zone(None).to_list()
+    return {
+        d: (t if t is not None else _first_instant(d, tz)).replace(tzinfo=UTC) for d, t in zip(wanted, utc, strict=True)
+    }
+
+
+def _first_instant(day: dt.date, tz: str) -> dt.datetime:
+    """Naive UTC of the first second whose local date is `day` (zone offsets are whole seconds): the minute
+    it falls in, then the second."""
+    start = dt.datetime(day.year, day.month, day.day) - dt.timedelta(hours=16)  # UTC+14 and a day's gap fit
+    for step, span in (("1m", dt.timedelta(hours=48)), ("1s", dt.timedelta(minutes=1))):
+        grid = pl.datetime_range(start, start + span, step, time_unit="us", eager=True)
+        local = grid.dt.replace_time_zone("UTC").dt.convert_time_zone(tz).dt.date()
+        at = (local >= day).arg_true()[0]
+        start = grid[at] - dt.timedelta(minutes=1) if step == "1m" else grid[at]
+    return start
 
 
 def period_table(days: list[dt.date], period: str, tz: str, anchor_day: int = 1) -> pl.DataFrame:
     """Map each local date to its period: local_date, window_start, window_end, period_start (text)."""
-    rows = []
-    for day in sorted(set(days)):
-        first, after = period_dates(day, period, anchor_day)
-        rows.append(
-            {
-                "local_date": day,
-                "window_start": local_midnight(first, tz),
-                "window_end": local_midnight(after, tz),
-                "period_start": first.isoformat(),
-            }
-        )
+    bounds = {day: period_dates(day, period, anchor_day) for day in sorted(set(days))}
+    midnight = local_midnights([d for pair in bounds.values() for d in pair], tz)
+    rows = [
+        {
+            "local_date": day,
+            "window_start": midnight[first],
+            "window_end": midnight[after],
+            "period_start": first.isoformat(),
+        }
+        for day, (first, after) in bounds.items()
+    ]
     schema = {"local_date": pl.Date, "window_start": WINDOW, "window_end": WINDOW, "period_start": pl.String}
     return pl.DataFrame(rows, schema=schema)
 

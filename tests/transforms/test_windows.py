@@ -280,3 +280,50 @@ def test_berlin_events_around_the_march_boundary(engine: str) -> None:
     got = assign_periods(frame, "MONTH", "Europe/Berlin", engine)
     assert got["period_start"].to_list() == ["2024-02-01", "2024-03-01", "2024-03-01", "2024-04-01"]
     assert got.filter((pl.col("time") < pl.col("window_start")) | (pl.col("time") >= pl.col("window_end"))).is_empty()
+
+
+# --- one time-zone database for local dates and period bounds ------------------------------------------
+# Local dates come from Polars (chrono-tz, built into Polars); period bounds came from Python's zoneinfo,
+# which reads the host's tz database or the `tzdata` package, a different version. Where the two disagree,
+# an event was counted in a period whose [window_start, window_end) does not hold it.
+
+
+def test_period_bounds_do_not_depend_on_pythons_zoneinfo(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    import zoneinfo
+
+    # A host whose tz database says Vancouver stays on UTC-7 all year (as the `tzdata` package 2026f does from
+    # November 2026), while Polars' own rules put 2026-11-30 on UTC-8.
+    real = zoneinfo.ZoneInfo
+
+    def other_database(key: str) -> dt.tzinfo:
+        return dt.timezone(dt.timedelta(hours=-7)) if key == "America/Vancouver" else real(key)
+
+    monkeypatch.setattr(zoneinfo, "ZoneInfo", other_database)
+    frame = times("2026-12-01T07:30:00Z", "2026-11-30T12:00:00Z")
+    got = assign_periods(frame, "MONTH", "America/Vancouver", engine)
+    for when, start, end in got.select("time", "window_start", "window_end").rows():
+        assert start <= when < end, f"{when} counted in [{start}, {end})"
+    # Polars' rules: 2026-12-01T07:30Z is 2026-11-30 23:30 at UTC-8, in November, which ends at 08:00Z.
+    assert got["window_end"].to_list() == [utc(2026, 12, 1, 8)] * 2
+
+
+@pytest.mark.parametrize(
+    ("tz", "instants"),
+    [
+        # zones whose older rules differ between tz database builds (links and pre-1970 local mean time)
+        ("Africa/Accra", ["1900-01-01T00:10:00Z", "1918-01-01T00:05:00Z", "1936-09-01T00:10:00Z"]),
+        ("Africa/Dar_es_Salaam", ["1900-12-31T21:30:00Z", "1930-12-31T21:20:00Z"]),
+        ("Europe/Berlin", ["2024-03-30T23:00:00Z", "2024-10-26T22:00:00Z"]),
+        ("America/Santiago", ["2022-09-11T03:59:59Z", "2022-09-11T04:00:00Z"]),
+    ],
+)
+def test_every_event_lies_in_its_period_window(tz: str, instants: list[str], engine: str) -> None:
+    around = [
+        (dt.datetime.fromisoformat(t) + dt.timedelta(minutes=m)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for t in instants
+        for m in range(-40, 41, 5)
+    ]
+    for period in ("DAY", "MONTH"):
+        got = assign_periods(times(*around), period, tz, engine)
+        outside = got.filter((pl.col("time") < pl.col("window_start")) | (pl.col("time") >= pl.col("window_end")))
+        assert outside.is_empty(), f"{period} {tz}: events outside their window:\n{outside}"
