@@ -289,24 +289,26 @@ def test_berlin_events_around_the_march_boundary(engine: str) -> None:
 
 
 def test_period_bounds_do_not_depend_on_pythons_zoneinfo(monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    import types
     import zoneinfo
 
+    import transforms.windows
+
     # A host whose tz database says Vancouver stays on UTC-7 all year (as the `tzdata` package 2026f does from
-    # November 2026), while Polars' own rules put 2026-11-30 on UTC-8.
-    real = zoneinfo.ZoneInfo
-    local = pl.Series([dt.datetime(2026, 12, 1)]).dt.replace_time_zone("America/Vancouver")
-    december = local.dt.convert_time_zone("UTC").dt.replace_time_zone(None)[0].replace(tzinfo=dt.UTC)
-
+    # November 2026), while Polars' own rules put 2026-11-30 on UTC-8. Only the windows module sees it (Polars
+    # itself checks for zoneinfo.ZoneInfo), and it must not matter to it.
     def other_database(key: str) -> dt.tzinfo:
-        return dt.timezone(dt.timedelta(hours=-7)) if key == "America/Vancouver" else real(key)
+        return dt.timezone(dt.timedelta(hours=-7)) if key == "America/Vancouver" else zoneinfo.ZoneInfo(key)
 
-    monkeypatch.setattr(zoneinfo, "ZoneInfo", other_database)
+    fake = types.SimpleNamespace(ZoneInfo=other_database)
+    monkeypatch.setattr(transforms.windows, "zoneinfo", fake, raising=False)
     frame = times("2026-12-01T07:30:00Z", "2026-11-30T12:00:00Z")
     got = assign_periods(frame, "MONTH", "America/Vancouver", engine)
     for when, start, end in got.select("time", "window_start", "window_end").rows():
         assert start <= when < end, f"{when} counted in [{start}, {end})"
     # Both in November by Polars' rules (UTC-8 in winter), which ends at Polars' December midnight.
-    assert got["window_end"].to_list() == [december] * 2
+    local = pl.Series([dt.datetime(2026, 12, 1)]).dt.replace_time_zone("America/Vancouver")
+    assert got["window_end"].to_list() == local.dt.convert_time_zone("UTC").to_list() * 2
 
 
 @pytest.mark.parametrize(
