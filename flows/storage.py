@@ -21,6 +21,7 @@ See docs/storage.md for the reader's side and for how producers should name land
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -926,6 +927,7 @@ def _after_connecting(failed: BaseException) -> bool:
 
 
 def _classify_local(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, PermissionError):
+    # A read-only mount or volume (EROFS) refuses every write as a permission does, but is no PermissionError
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
         return "denied", _one_line(f"{exc.strerror or exc}")
     return "other", _one_line(str(exc))

@@ -8,6 +8,7 @@ a closed standard output (`| head -1`) ends a command quietly.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import json
@@ -198,6 +199,27 @@ def test_query_mistakes_are_one_line_exit_2(env, capsys, args, message):
 def test_query_missing_root_is_exit_3(env, capsys, tmp_path):
     code, _, err = cli(capsys, "query", "duration", *RANGE, "--root", tmp_path / "nowhere", "--meters", env["meters"])
     assert code == 3 and "does not exist" in err
+
+
+@pytest.mark.parametrize("command", [["run"], ["backfill", "--from", "2024-03-01", "--to", "2024-04-01"]])
+def test_read_only_root_is_one_line_exit_3(env, capsys, tmp_path, monkeypatch, command):
+    """A root on a read-only filesystem (a read-only mount or volume) refuses the first write with EROFS, which is
+    not a PermissionError: it ended `run` and `backfill` as an 'unexpected OSError', exit 1."""
+    root = tmp_path / "root"
+    (root / "landing").mkdir(parents=True)
+    (root / "landing" / "b1.jsonl").write_bytes(jsonl([event("e1", "2024-03-05T00:00:00Z", type="request")]))
+    real = os.makedirs
+
+    def read_only(name, *args, **kwargs):  # what a read-only mount answers to the run's first write
+        if str(name).startswith(str(root)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    code, out, err = cli(capsys, *command, "--root", root, "--meters", env["meters"])
+    assert code == 3, err
+    assert err.startswith("error: access denied: ") and "Read-only file system" in err, err
+    assert len(err.strip().splitlines()) == 1 and out == "", err
 
 
 # --- validate -----------------------------------------------------------------------------------------
