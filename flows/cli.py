@@ -1,7 +1,7 @@
 """The `meterlake` command line. User mistakes end in one clear line and a non-zero exit, never a traceback.
 
 Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date, meter name, option, root);
-3 storage (or the Dask scheduler) unreachable or refused; 4 another run holds the lock, or its file is damaged;
+3 storage (or the Dask scheduler, or the Prefect API of PREFECT_API_URL) unreachable or refused; 4 another run holds the lock, or its file is damaged;
 130 and 143 stopped by Ctrl-C and SIGTERM (`serve`, once serving, stops cleanly with 0); 141 standard output closed
 by its reader (`| head`), quietly.
 """
@@ -17,6 +17,7 @@ import select
 import signal
 import sys
 import threading
+import urllib.parse
 from typing import Annotated
 
 import typer
@@ -1083,6 +1084,35 @@ def _usage_message(exc) -> str:
     return f"{message} (see {' '.join(['meterlake', *names])} --help)"
 
 
+def _prefect_api_unreachable(exc: BaseException) -> str | None:
+    """The one line for a configured Prefect API (PREFECT_API_URL) that cannot be reached, else None.
+
+    A server that is down or a wrong URL is unreachable, as a storage endpoint or a Dask scheduler is (exit 3):
+    Prefect raises 'Failed to reach API' when a flow run starts and httpx's ConnectError in `serve`, both of which
+    ended the command as an 'unexpected' failure, exit 1. Not for Prefect's temporary server (no URL is set)."""
+    settings = sys.modules.get("prefect.settings")
+    url = settings.get_current_settings().api.url if settings is not None else None
+    if not url:
+        return None
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        chain.append(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    refused = [e for e in chain if _raised_by(e, "httpx", "ConnectError") or _raised_by(e, "httpx", "TimeoutException")]
+    failed = any(isinstance(e, RuntimeError) and str(e).startswith("Failed to reach API at") for e in chain)
+    if not refused and not failed:
+        return None
+    why = refused[-1] if refused else chain[-1]
+    reason = " ".join((str(why) or type(why).__name__).split())
+    parts = urllib.parse.urlsplit(url)  # never print a user:password@ of the URL
+    url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return (
+        f"Prefect API at {url} cannot be reached ({reason}); check PREFECT_API_URL and that the server is running "
+        "(`prefect server start`)"
+    )
+
+
 def _interrupted(exc: BaseException) -> bool:
     """Whether `exc` was raised while handling a Ctrl-C or SIGTERM: a library that catches the KeyboardInterrupt
     and fails in its own cleanup (Prefect's task engine, interrupted while it starts a task run, raises
@@ -1132,6 +1162,10 @@ def _main(argv: list[str] | None) -> int:
         if _raised_by(exc, "flows.state", "LockHeld"):
             _say(f"meterlake: {exc}")
             return EXIT_LOCKED
+        unreachable = _prefect_api_unreachable(exc)
+        if unreachable:
+            _say(f"error: {unreachable}")
+            return EXIT_STORAGE
         # Click's errors, matched by name: recent Typer versions carry their own copy of Click
         kinds = {c.__name__ for c in type(exc).__mro__}
         if "NoArgsIsHelpError" in kinds:  # `meterlake` alone: the help text

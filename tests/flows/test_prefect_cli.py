@@ -16,6 +16,7 @@ import pytest
 from flows import state
 from flows.cli import TEMPORARY_SERVER_NOTICE, main
 
+from fixtures_s3 import closed_port
 from support import local_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,6 +139,28 @@ def test_bad_meters_file_with_prefect_is_exit_2_before_any_flow_run(root, tmp_pa
     bad.write_text("meters:\n  - slug: Bad Slug\n    eventType: x\n    aggregation: COUNT\n")
     code = main(["run", "--root", root["root"], "--meters", str(bad), "--prefect"])
     assert code == 2 and "bad.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run", "--prefect"], ["backfill", "--prefect", "--from", "2024-01-01", "--to", "2024-01-02"], ["serve"]],
+    ids=["run", "backfill", "serve"],
+)
+def test_unreachable_prefect_api_is_one_line_exit_3(root, capsys, monkeypatch, command) -> None:
+    """PREFECT_API_URL set, its server down: one line naming the URL, exit 3 (an unreachable service, as storage or a
+    Dask scheduler). It was 'unexpected RuntimeError: Failed to reach API' (run, backfill) or 'unexpected
+    ConnectError' (serve), exit 1."""
+    import prefect
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    monkeypatch.setattr(prefect, "serve", lambda *a, **kw: pytest.fail("serve must not start serving"))
+    url = f"http://127.0.0.1:{closed_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        code = main([*command, "--root", root["root"], "--meters", root["meters"]])
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    assert err.startswith(f"error: Prefect API at {url} cannot be reached (") and "PREFECT_API_URL" in err, err
+    assert len(err.strip().splitlines()) == 1 and out == "", err
 
 
 def test_lock_held_is_exit_4(root, capsys) -> None:
