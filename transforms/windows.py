@@ -66,7 +66,10 @@ def local_midnights(days: list[dt.date], tz: str) -> dict[dt.date, dt.datetime]:
     wanted = sorted(set(days))
     naive = pl.Series([dt.datetime(d.year, d.month, d.day) for d in wanted], dtype=pl.Datetime("us"))
     aware = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-    utc = aware.dt.convert_time_zone("UTC").dt.replace_time_zone(None).to_list()
+    try:
+        utc = aware.dt.convert_time_zone("UTC").dt.replace_time_zone(None).to_list()
+    except ValueError as exc:  # a day near year 1 or 9999 moved past Python's dates: as datetime.astimezone says it
+        raise OverflowError(f"a local midnight in {tz} is outside the years Python's dates hold: {exc}") from None
     return {
         d: (t if t is not None else _first_instant(d, tz)).replace(tzinfo=UTC) for d, t in zip(wanted, utc, strict=True)
     }

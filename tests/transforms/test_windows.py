@@ -331,3 +331,10 @@ def test_every_event_lies_in_its_period_window(tz: str, instants: list[str], eng
         got = assign_periods(times(*around), period, tz, engine)
         outside = got.filter((pl.col("time") < pl.col("window_start")) | (pl.col("time") >= pl.col("window_end")))
         assert outside.is_empty(), f"{period} {tz}: events outside their window:\n{outside}"
+
+
+@pytest.mark.parametrize("day, tz", [(dt.date(1, 1, 1), "Asia/Tokyo"), (dt.date(1, 1, 1), "Australia/Sydney")])
+def test_a_local_midnight_past_pythons_dates_is_an_overflow(day: dt.date, tz: str) -> None:
+    """Callers (query bounds) turn an OverflowError into 'outside the years event times can hold'."""
+    with pytest.raises(OverflowError):
+        local_midnight(day, tz)
