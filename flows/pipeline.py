@@ -159,7 +159,11 @@ def read_batches(
     rows: list[dict] = []
     unchanged = 0
     for order, info in enumerate(batches):
-        raw = storage.read_bytes(info.path)
+        try:
+            raw = storage.read_bytes(info.path)
+        except FileNotFoundError:  # deleted or moved away since the listing: no longer landed, nothing to read
+            logging.getLogger(__name__).warning("%s was listed but is gone (deleted since): skipped", info.path)
+            continue
         batch = batch_id(info.path, raw)
         rows.append({"path": info.path, "size": info.size, "mtime": info.mtime, "etag": info.etag, "batch": batch})
         if batch in known_batches:  # touched but identical content: nothing new
