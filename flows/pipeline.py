@@ -349,7 +349,7 @@ def dedupe_against_store(storage: Storage, new: pl.DataFrame) -> tuple[pl.DataFr
     if not files:  # nothing stored on these dates yet
         return dedupe(new)
     new_ids = new.select(pl.col("id").hash().unique()).to_series().implode()
-    keys = storage.scan_parquet(files).select(KEY).filter(pl.col("id").hash().is_in(new_ids)).collect()
+    keys = storage.collect(storage.scan_parquet(files).select(KEY).filter(pl.col("id").hash().is_in(new_ids)))
     return dedupe(new, keys)
 
 

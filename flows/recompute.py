@@ -203,7 +203,7 @@ def _days_without_current_partials(
     if not files:
         return days
     sentinel_rows = storage.scan_parquet(files).filter(pl.col("window_start").is_null())  # skipped by statistics
-    current = sentinel_rows.select("date", "meter", "fingerprint").unique().collect(engine="streaming")
+    current = storage.collect(sentinel_rows.select("date", "meter", "fingerprint").unique(), engine="streaming")
     have = set(current.iter_rows())
     return {d for d in days if any((d, m.slug, m.fingerprint()) not in have for m in meters)}
 
@@ -316,7 +316,7 @@ def _read_events(storage: Storage, files: list[str], types: list[str]) -> pl.Dat
     if not files:
         return pl.DataFrame(schema={c: EVENT[c] for c in DAY_COLUMNS})
     scan = storage.scan_parquet(files).filter(pl.col("type").is_in(types)).select(DAY_COLUMNS)
-    return scan.sort(CANONICAL_ORDER, maintain_order=True).collect()
+    return storage.collect(scan.sort(CANONICAL_ORDER, maintain_order=True))
 
 
 def _kept_rows(
@@ -400,7 +400,7 @@ def _stored_partials(storage: Storage, files: list[str], meters: list[Meter], wi
     # A filter, not a semi join: a join does not promise to keep the files' row order, and the sums that
     # combine these rows depend on their order to the last bit (see `collect_tables`).
     wanted = pl.col("window_start").is_in(windows["window_start"].implode())
-    return storage.scan_parquet(files).filter(pl.col("meter").is_in(slugs) & wanted).collect()
+    return storage.collect(storage.scan_parquet(files).filter(pl.col("meter").is_in(slugs) & wanted))
 
 
 def orphan_periods(

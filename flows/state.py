@@ -62,7 +62,7 @@ def read_manifest(storage: Storage) -> pl.DataFrame:
     files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
     if not files:
         return pl.DataFrame(schema=MANIFEST_SCHEMA)
-    return storage.scan_parquet(files).collect().unique(subset=["path", "batch", "size", "mtime"], keep="first")
+    return storage.collect(storage.scan_parquet(files)).unique(subset=["path", "batch", "size", "mtime"], keep="first")
 
 
 def committed_runs(storage: Storage) -> set[str]:
@@ -71,7 +71,7 @@ def committed_runs(storage: Storage) -> set[str]:
     files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
     if not files:
         return set()
-    return set(storage.scan_parquet(files).select("run_id").collect()["run_id"].to_list())
+    return set(storage.collect(storage.scan_parquet(files).select("run_id"))["run_id"].to_list())
 
 
 def commit_manifest(storage: Storage, run_id: str, rows: list[dict]) -> None:
@@ -90,7 +90,7 @@ def compact_manifest(storage: Storage) -> None:
     files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
     if len(files) <= COMPACT_AFTER:
         return
-    merged = storage.scan_parquet(files).collect()
+    merged = storage.collect(storage.scan_parquet(files))
     storage.write_parquet(f"{MANIFEST}/compact-{new_run_id()}.parquet", merged)
     storage.delete(files)
 

@@ -384,20 +384,9 @@ class Storage:
                 raise
             except Exception as exc:
                 kind, detail = _classify(exc) if self.is_s3 else _classify_local(exc)
-                if kind == "no_bucket":
-                    raise StorageError(f"bucket {self.bucket!r} does not exist (root {self.root})") from exc
-                if kind == "no_credentials":
-                    raise StorageError(
-                        f"no usable S3 credentials for {self.root} ({detail}); set AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-                    ) from exc
-                if kind == "credentials":
-                    raise StorageError(
-                        f"S3 rejected the credentials for {self.root} ({detail}); check AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-                    ) from exc
-                if kind == "denied":
-                    raise StorageError(f"access denied: cannot {op} {self.uri(rel)} ({detail})") from exc
+                fixable = self._fixable(kind, detail, op, self.uri(rel))
+                if fixable is not None:
+                    raise fixable from exc
                 if kind == "unreachable" and probe:
                     where, reason, _ = _connect_failure(exc) or ("?", "?", False)
                     hint = self._endpoint_hint("running")
@@ -425,6 +414,53 @@ class Storage:
                 )
                 time.sleep(wait)
                 attempt += 1
+
+    def _fixable(self, kind: str, detail: str, op: str, uri: str) -> StorageError | None:
+        """The one-line error of a failure a user must fix (never retried), None for any other kind."""
+        if kind == "no_bucket":
+            return StorageError(f"bucket {self.bucket!r} does not exist (root {self.root})")
+        if kind == "no_credentials":
+            return StorageError(
+                f"no usable S3 credentials for {self.root} ({detail}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        if kind == "credentials":
+            return StorageError(
+                f"S3 rejected the credentials for {self.root} ({detail}); check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
+        if kind == "denied":
+            return StorageError(f"access denied: cannot {op} {uri} ({detail})")
+        return None
+
+    @contextlib.contextmanager
+    def reader_errors(self) -> Iterator[None]:
+        """Around the collection of a lazy scan of this root (`scan_parquet`): what Polars' own reader still fails
+        with after its retries (`polars_options()`) becomes the StorageError any other request gives (access denied,
+        rejected credentials, missing bucket, `storage unavailable`), not an `object-store error` that the command
+        line can only call unexpected. A missing object stays a FileNotFoundError."""
+        try:
+            yield
+        except OSError as exc:
+            kind, detail, uri = _classify_reader(exc) if self.is_s3 else (*_classify_local(exc), "")
+            if not uri.startswith(f"s3://{self.bucket}/"):  # none, or not a path-style request
+                uri = self.root
+            fixable = self._fixable(kind, detail, "read", uri)
+            if fixable is not None:
+                raise fixable from exc
+            if kind == "refused":
+                raise StorageError(f"S3 refused to read {uri} ({detail})") from exc
+            if kind != "transient":
+                raise
+            raise StorageError(
+                f"storage unavailable: read {uri} still failing after {self.retry.attempts} attempts ({detail}); "
+                f"endpoint {self.s3.shown_endpoint}"
+            ) from exc
+
+    def collect(self, frame: pl.LazyFrame, **kwargs: Any) -> pl.DataFrame:
+        """`frame.collect(**kwargs)` for a lazy scan of this root, with `reader_errors()`."""
+        with self.reader_errors():
+            return frame.collect(**kwargs)
 
     # --- checks ------------------------------------------------------------------------------
     def check_root(self, create: bool = False, fail_fast: bool = False) -> None:
@@ -924,6 +960,43 @@ def _after_connecting(failed: BaseException) -> bool:
     return any(
         isinstance(e, aiohttp.ClientOSError) and not isinstance(e, aiohttp.ClientConnectorError) for e in _chain(failed)
     )
+
+
+_READER_CODE = re.compile(r"<Code>([^<]*)</Code>")
+_READER_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+_READER_STATUS = re.compile(r"status code: (\d{3})")
+_READER_URL = re.compile(r"Error performing [A-Z]+ (\S+)")
+
+
+def _classify_reader(exc: OSError) -> tuple[str, str, str]:
+    """(kind, short description, object URI) of a failure of Polars' native S3 reader (object_store), which reports
+    S3's answer inside its message: `object-store error: ... Server returned non-2xx status code: 503 Service
+    Unavailable: <Error><Code>SlowDown</Code>...`, after the URL of the request (`Error performing GET
+    http://host/bucket/key`; the `(path: ...)` at its end names the scan's first file, not the failed one). Kinds as `_classify`; not_found for a missing
+    object, refused for another 4xx answer, other for anything that is not such an error."""
+    text = str(exc)
+    if not text.startswith("object-store error"):
+        return "other", _one_line(text), ""
+    code = next(iter(_READER_CODE.findall(text)), "")
+    message = next(iter(_READER_MESSAGE.findall(text)), "")
+    status = int(next(iter(_READER_STATUS.findall(text)), 0))
+    url = urllib.parse.urlsplit(next(iter(_READER_URL.findall(text)), ""))
+    uri = "s3:/" + urllib.parse.unquote(url.path) if url.path.count("/") > 1 else ""  # path style: /bucket/key
+    if code:
+        detail = _one_line(f"{code}: {message}" if message else code)
+    else:  # no answer from S3 (a refused or dropped connection, a timeout): the innermost cause says it best
+        detail = _one_line(text.strip().splitlines()[-1].strip() if "Caused by" in text else text.split(" - ")[-1])
+    if code == "NoSuchBucket":
+        return "no_bucket", detail, uri
+    if code in _CREDENTIAL_CODES:
+        return "credentials", detail, uri
+    if isinstance(exc, FileNotFoundError):
+        return "not_found", detail, uri
+    if code in _DENIED_CODES or status == 403 or isinstance(exc, PermissionError):
+        return "denied", detail, uri
+    if status and status < 500 and status not in (408, 429):
+        return "refused", detail, uri
+    return "transient", detail, uri  # Polars retried it already (5xx, throttling, connections, timeouts)
 
 
 def _classify_local(exc: BaseException) -> tuple[str, str]:

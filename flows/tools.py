@@ -153,7 +153,9 @@ def read_events(storage: Storage, meter: Meter, q: Query) -> pl.LazyFrame:
 
 
 def run_planned(root: str | Storage, meter: Meter, q: Query) -> pl.DataFrame:
-    return run_query(read_events(open_storage(root), meter, q), meter, q)
+    storage = open_storage(root)
+    with storage.reader_errors():  # run_query collects the scan of the events
+        return run_query(read_events(storage, meter, q), meter, q)
 
 
 def query(
@@ -200,13 +202,13 @@ def _normal_date(expr: pl.Expr) -> pl.Expr:
 LISTED_SCAN_ATTEMPTS = 3
 
 
-def _collect_listed(build: Callable[[], pl.LazyFrame]) -> pl.DataFrame:
+def _collect_listed(storage: Storage, build: Callable[[], pl.LazyFrame]) -> pl.DataFrame:
     """Collect a scan of listed files, listing again if one vanished meanwhile: a run deletes quarantine files
     of batches and days that have nothing rejected any more (docs/storage.md: lazy scans)."""
     attempt = 1
     while True:
         try:
-            return build().collect()
+            return storage.collect(build())
         except FileNotFoundError:
             if attempt >= LISTED_SCAN_ATTEMPTS:
                 raise
@@ -266,7 +268,7 @@ def quarantine(
         frame = _quarantine_frame(storage, since, reason, meter, stage).sort(["date", "file", "line"], nulls_last=True)
         return frame if limit is None else frame.head(limit)
 
-    return _collect_listed(build)
+    return _collect_listed(storage, build)
 
 
 def quarantine_counts(
@@ -284,12 +286,13 @@ def quarantine_counts(
     storage = open_storage(root)
     since = _date(since, "since")
     return _collect_listed(
+        storage,
         lambda: (
             _quarantine_frame(storage, since, reason, meter, stage)
             .group_by("stage", "reason", "meter")
             .agg(count=pl.len().cast(pl.Int64))
             .sort(["count", "stage", "reason", "meter"], descending=[True, False, False, False], nulls_last=True)
-        )
+        ),
     )
 
 
@@ -371,7 +374,7 @@ def newest_event_time(root: str | Storage) -> dt.datetime | None:
     if not by_date:
         return None
     newest = by_date[max(by_date)]
-    value = storage.scan_parquet(newest).select(pl.col("time").max()).collect().item()
+    value = storage.collect(storage.scan_parquet(newest).select(pl.col("time").max())).item()
     return value
 
 

@@ -2,19 +2,24 @@
 
 - A landed object deleted between the listing and its read is skipped with a warning, in a run and in a
   re-ingesting backfill, instead of failing the whole run; if it is landed again, the next run reads it.
+- What Polars' own S3 reader (the lazy scans of the manifest, events and quarantine) still fails with after its
+  retries ends a command as every other storage failure does: one line, exit 3, naming the object.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import urllib.parse
 
 import pytest
 
 import flows.storage as storage_module
 from flows import pipeline, state
+from flows.cli import main
 from flows.storage import RetryPolicy, Storage
 
+from fixtures_s3 import FaultProxy
 from support import all_tables, event, jsonl, land, meterset
 
 pytestmark = pytest.mark.s3
@@ -84,3 +89,54 @@ def test_a_batch_deleted_between_listing_and_reading_is_skipped(
     land(storage, "b.jsonl", jsonl([prompt(2, 5)]))  # landed again: read by the next run
     assert run(storage)["events_stored"] == 1
     assert tokens(storage) == 15
+
+
+# --- failures of Polars' native reader ---------------------------------------------------------------------
+UNAVAILABLE = "error: storage unavailable: read {uri} still failing after 3 attempts (SlowDown: "
+DENIED = "error: access denied: cannot read {uri} (AccessDenied: "
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "expected"),
+    [("run", 503, UNAVAILABLE), ("query", 403, DENIED), ("quarantine", 503, UNAVAILABLE)],
+    ids=["run-503", "query-403", "quarantine-503"],
+)
+def test_a_failing_lazy_scan_ends_the_command_with_one_line_and_exit_3(
+    s3_root: str,
+    s3_faults: FaultProxy,
+    tmp_path,
+    capsys: pytest.CaptureFixture,
+    status: int,
+    expected: str,
+    command: str,
+) -> None:
+    meters = tmp_path / "meters.yaml"
+    meters.write_text(METERS)
+    storage = Storage(s3_root)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10), "{not json"]))
+    assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+    land(storage, "b.jsonl", jsonl([prompt(2, 5)]))
+    # what each command scans lazily, with Polars' reader: the manifest, the events, the quarantine records
+    scanned = {"run": "/_state/manifest/", "query": "/events/", "quarantine": "/quarantine/records/"}[command]
+    failed: list[str] = []
+
+    def fail(method: str, path: str) -> bool:
+        if method == "GET" and scanned in path.split("?")[0]:
+            failed.append(path.split("?")[0])
+            return True
+        return False
+
+    s3_faults.fail_when(fail, status=status)
+    capsys.readouterr()
+    args = {
+        "run": ["run", "--meters", str(meters)],
+        "query": ["query", "tokens", "--from", "2024-01-01", "--to", "2024-02-01", "--meters", str(meters)],
+        "quarantine": ["quarantine"],
+    }[command]
+    code = main([*args, "--root", s3_root])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert failed, "no lazy scan was made"
+    uri = "s3:/" + urllib.parse.unquote(failed[-1])  # path-style requests: /bucket/key
+    assert (code, len(lines)) == (3, 1), lines
+    assert lines[0].startswith(expected.format(uri=uri)), lines
