@@ -10,6 +10,7 @@ frames. Nothing here starts Prefect, and nothing here writes to storage. Every u
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from flows import pipeline, state
-from flows.storage import Storage
+from flows.storage import Storage, StorageError
 from meters import Meter, MeterSet, load_meters_file
 from transforms.dedupe import dedupe
 from transforms.extract import extract
@@ -141,10 +142,14 @@ def plan_query(
     return meter, q
 
 
-def read_events(storage: Storage, meter: Meter, q: Query) -> pl.LazyFrame:
-    """The curated events of the meter's type inside [from, to): only the UTC-date partitions that overlap."""
-    by_date = pipeline.event_files_by_date(storage)
-    files = [p for d in utc_dates(q) for p in by_date.get(d, [])]
+def read_events(storage: Storage, meter: Meter, q: Query) -> pl.LazyFrame | None:
+    """The curated events of the meter's type inside [from, to): only the UTC-date partitions that overlap, and only
+    the files that hold the store as its last commit left it (`_visible_event_files`); None when a re-ingest
+    committed between the listing and the look at its record (list again)."""
+    visible = _visible_event_files(storage)
+    if visible is None:
+        return None
+    files = [p for d in utc_dates(q) for p in visible.get(d, [])]
     if not files:
         return empty(EVENT).lazy().select(EVENT_COLUMNS)
     return (
@@ -152,10 +157,48 @@ def read_events(storage: Storage, meter: Meter, q: Query) -> pl.LazyFrame:
     )
 
 
+def _visible_event_files(storage: Storage) -> dict[str, list[str]] | None:
+    """`events/` files by UTC date, without those a re-ingest (`backfill --reingest`) is replacing: its new files until
+    it commits, its old ones once it has (it deletes them after its commit, one by one; a re-ingest killed in between
+    leaves both until the next run). Both hold the same events: a query reading both counted them twice.
+
+    The records are read after the listing, and the scan comes after both: a re-ingest that finished meanwhile
+    deleted its old files before its record, and the scan fails on them (FileNotFoundError: list again). None when
+    a re-ingest committed after the listing, which may lack its new files."""
+    by_date = pipeline.event_files_by_date(storage)
+    listed = {p for paths in by_date.values() for p in paths}
+    pendings = []
+    for f in storage.list_files(state.PENDING, (".json",)):
+        with contextlib.suppress(FileNotFoundError):  # cleared since the listing
+            pendings.append(state.Pending(**storage.read_json(f.path)))
+    replacing = [p for p in pendings if p.deletes]
+    if not replacing:  # a run's own uncommitted files hold only events the store did not have
+        return by_date
+    committed = state.committed_runs(storage)
+    hidden: set[str] = set()
+    for pending in replacing:
+        if pending.run_id not in committed:
+            hidden.update(pending.files)
+            continue
+        if not {f for f in pending.files if f.startswith(f"{pipeline.EVENTS}/")} <= listed:
+            return None
+        hidden.update(pending.deletes)
+    return {d: [p for p in paths if p not in hidden] for d, paths in by_date.items()}
+
+
 def run_planned(root: str | Storage, meter: Meter, q: Query) -> pl.DataFrame:
     storage = open_storage(root)
-    with storage.reader_errors():  # run_query collects the scan of the events
-        return run_query(read_events(storage, meter, q), meter, q)
+    for attempt in range(1, LISTED_SCAN_ATTEMPTS + 1):
+        try:
+            events = read_events(storage, meter, q)
+            if events is None:
+                continue
+            with storage.reader_errors():  # run_query collects the scan of the events
+                return run_query(events, meter, q)
+        except FileNotFoundError:  # deleted since the listing (a re-ingest finishing, a run rolling back)
+            if attempt == LISTED_SCAN_ATTEMPTS:
+                raise
+    raise StorageError(f"{storage.uri(pipeline.EVENTS)} kept changing while the query read it: run the query again")
 
 
 def query(

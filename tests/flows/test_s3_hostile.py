@@ -2,6 +2,7 @@
 
 - A landed object deleted between the listing and its read is skipped with a warning, in a run and in a
   re-ingesting backfill, instead of failing the whole run; if it is landed again, the next run reads it.
+- `meterlake query` reads each event once while a re-ingest replaces event files (or was killed doing so).
 - What Polars' own S3 reader (the lazy scans of the manifest, events and quarantine) still fails with after its
   retries ends a command as every other storage failure does: one line, exit 3, naming the object.
 """
@@ -15,7 +16,7 @@ import urllib.parse
 import pytest
 
 import flows.storage as storage_module
-from flows import pipeline, state
+from flows import pipeline, state, tools
 from flows.cli import main
 from flows.storage import RetryPolicy, Storage
 
