@@ -431,6 +431,11 @@ class Storage:
             )
         if kind == "denied":
             return StorageError(f"access denied: cannot {op} {uri} ({detail})")
+        if kind == "region":
+            return StorageError(
+                f"wrong S3 region or endpoint for {self.root} ({detail}); check AWS_REGION or AWS_DEFAULT_REGION, "
+                f"and {endpoint_variable()}"
+            )
         return None
 
     @contextlib.contextmanager
@@ -795,6 +800,15 @@ _CREDENTIAL_CODES = {
     "RequestTimeTooSkewed",
 }
 _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound"}
+# The bucket is in another region than the one the request was signed for, or must be reached through another endpoint
+# (AWS itself redirects botocore to the right region; S3-compatible services and explicit regional endpoints do not)
+_REGION_CODES = {
+    "AuthorizationHeaderMalformed",
+    "PermanentRedirect",
+    "TemporaryRedirect",
+    "Redirect",
+    "IllegalLocationConstraintException",
+}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidObjectState"}
 _TRANSIENT_CODES = {
     "InternalError",
@@ -852,8 +866,9 @@ def _one_line(text: str, limit: int = 200) -> str:
 def _classify(exc: BaseException) -> tuple[str, str]:
     """(kind, short description) of an S3 failure.
 
-    Kinds: no_bucket, no_credentials, credentials, denied, transient, unreachable (no connection at all: refused,
-    unknown host, connect timeout, TLS or proxy failure; transient too), conflict, unsupported, other. The
+    Kinds: no_bucket, no_credentials, credentials, region (signed for another region, or redirected), denied,
+    transient, unreachable (no connection at all: refused, unknown host, connect timeout, TLS or proxy failure;
+    transient too), conflict, unsupported, other. The
     description holds the S3 error code and message, never request secrets.
     """
     for e in _chain(exc):
@@ -867,6 +882,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
                 return "no_bucket", detail
             if code in _CREDENTIAL_CODES:
                 return "credentials", detail
+            if code in _REGION_CODES or status in (301, 307):
+                return "region", detail
             if code == "ConditionalRequestConflict":
                 return "conflict", detail
             if code in ("NotImplemented", "501") or status == 501:
@@ -990,6 +1007,11 @@ def _classify_reader(exc: OSError) -> tuple[str, str, str]:
         return "no_bucket", detail, uri
     if code in _CREDENTIAL_CODES:
         return "credentials", detail, uri
+    redirect = re.search(r"Received redirect[^(]*", text)  # a 301 without Location: object_store shows no code then
+    if redirect:
+        detail = _one_line(redirect.group(0).strip())
+    if code in _REGION_CODES or status in (301, 307) or redirect:
+        return "region", detail, uri
     if isinstance(exc, FileNotFoundError):
         return "not_found", detail, uri
     if code in _DENIED_CODES or status == 403 or isinstance(exc, PermissionError):

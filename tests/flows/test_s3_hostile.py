@@ -5,6 +5,8 @@
 - `meterlake query` reads each event once while a re-ingest replaces event files (or was killed doing so).
 - What Polars' own S3 reader (the lazy scans of the manifest, events and quarantine) still fails with after its
   retries ends a command as every other storage failure does: one line, exit 3, naming the object.
+- A bucket in another region than the requests are signed for, or behind another endpoint, is one line naming
+  the settings to check, exit 3 (it was `unexpected OSError`, exit 1).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flows import pipeline, state, tools
 from flows.cli import main
 from flows.storage import RetryPolicy, Storage
 
+import fixtures_s3
 from fixtures_s3 import FaultProxy
 from support import all_tables, event, jsonl, land, meterset
 
@@ -141,3 +144,58 @@ def test_a_failing_lazy_scan_ends_the_command_with_one_line_and_exit_3(
     uri = "s3:/" + urllib.parse.unquote(failed[-1])  # path-style requests: /bucket/key
     assert (code, len(lines)) == (3, 1), lines
     assert lines[0].startswith(expected.format(uri=uri)), lines
+
+
+# --- region and endpoint mistakes ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("status", "code", "message", "request_of"),
+    [
+        (400, "AuthorizationHeaderMalformed", "the region 'us-east-1' is wrong; expecting 'eu-west-1'", "list"),
+        (
+            301,
+            "PermanentRedirect",
+            "The bucket you are attempting to access must be addressed using the specified endpoint.",
+            "landed",
+        ),
+        (
+            301,
+            "PermanentRedirect",
+            "The bucket you are attempting to access must be addressed using the specified endpoint.",
+            "events",
+        ),
+    ],
+    ids=["wrong-region-first-request", "redirect-s3fs-read", "redirect-polars-scan"],
+)
+def test_a_bucket_in_another_region_or_behind_another_endpoint_is_one_line_and_exit_3(
+    s3_root: str,
+    s3_faults: FaultProxy,
+    tmp_path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    code: str,
+    message: str,
+    request_of: str,
+) -> None:
+    """What an S3-compatible service set to another region (or AWS through a regional endpoint) answers."""
+    meters = tmp_path / "meters.yaml"
+    meters.write_text(METERS)
+    storage = Storage(s3_root)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10)]))
+    if request_of == "events":
+        assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+        land(storage, "b.jsonl", jsonl([prompt(2, 5)]))
+    monkeypatch.setitem(fixtures_s3._ERRORS, status, (code, message))
+    match = {"list": "list-type=2", "landed": "/landing/a.jsonl", "events": "/events/"}[request_of]
+    s3_faults.fail_when(lambda method, path: method == "GET" and match in path, status=status)
+    capsys.readouterr()
+    exit_code = main(["run", "--root", s3_root, "--meters", str(meters)])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert s3_faults.failed, "the answer was never given"
+    assert (exit_code, len(lines)) == (3, 1), lines
+    # Polars' reader shows no code for a redirect without a Location header: "Received redirect without LOCATION, this
+    # normally indicates an incorrectly configured region"
+    shown = "Received redirect without LOCATION" if request_of == "events" else f"{code}: {message}"
+    assert lines[0].startswith(f"error: wrong S3 region or endpoint for {s3_root} ({shown}")
+    assert lines[0].endswith("); check AWS_REGION or AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL")
