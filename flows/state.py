@@ -58,20 +58,21 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 
 # --- manifest --------------------------------------------------------------------------------
-def read_manifest(storage: Storage) -> pl.DataFrame:
+def _scan_manifest(storage: Storage) -> pl.LazyFrame:
     files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
-    if not files:
-        return pl.DataFrame(schema=MANIFEST_SCHEMA)
-    return storage.collect(storage.scan_parquet(files)).unique(subset=["path", "batch", "size", "mtime"], keep="first")
+    return storage.scan_parquet(files) if files else pl.LazyFrame(schema=MANIFEST_SCHEMA)
+
+
+def read_manifest(storage: Storage) -> pl.DataFrame:
+    # listed and read again when a file is gone meanwhile: `status` reads it outside the lock, while a run compacts it
+    manifest = storage.collect_listed(lambda: _scan_manifest(storage))
+    return manifest.unique(subset=["path", "batch", "size", "mtime"], keep="first")
 
 
 def committed_runs(storage: Storage) -> set[str]:
     # Not read_manifest(): its de-duplication drops the rows of a run (a re-ingest) that re-records batches
     # already in the manifest, and that run would then look uncommitted and be rolled back after a crash.
-    files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
-    if not files:
-        return set()
-    return set(storage.collect(storage.scan_parquet(files).select("run_id"))["run_id"].to_list())
+    return set(storage.collect_listed(lambda: _scan_manifest(storage).select("run_id"))["run_id"].to_list())
 
 
 def commit_manifest(storage: Storage, run_id: str, rows: list[dict]) -> None:

@@ -253,6 +253,7 @@ def arrow_for_readers(df: pl.DataFrame) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
+LISTED_SCAN_ATTEMPTS = 3  # see Storage.collect_listed
 STATE_ROW_GROUP = 16_384  # rows per row group of state files: statistics can skip other meters' rows
 
 
@@ -466,6 +467,20 @@ class Storage:
         """`frame.collect(**kwargs)` for a lazy scan of this root, with `reader_errors()`."""
         with self.reader_errors():
             return frame.collect(**kwargs)
+
+    def collect_listed(self, build: Callable[[], pl.LazyFrame]) -> pl.DataFrame:
+        """`collect(build())`, where `build` lists the files it scans: listed and read again, up to LISTED_SCAN_ATTEMPTS
+        times in all, when one of them is gone by the time it is read. For reads outside the run lock of files that
+        a run deletes: the manifest files it compacts, the quarantine files of batches and days that reject nothing
+        any more."""
+        attempt = 1
+        while True:
+            try:
+                return self.collect(build())
+            except FileNotFoundError:
+                if attempt >= LISTED_SCAN_ATTEMPTS:
+                    raise
+                attempt += 1
 
     # --- checks ------------------------------------------------------------------------------
     def check_root(self, create: bool = False, fail_fast: bool = False) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from flows import pipeline, state
-from flows.storage import Storage, StorageError
+from flows.storage import LISTED_SCAN_ATTEMPTS, Storage, StorageError
 from meters import Meter, MeterSet, load_meters_file
 from transforms.dedupe import dedupe
 from transforms.extract import extract
@@ -242,20 +242,10 @@ def _normal_date(expr: pl.Expr) -> pl.Expr:
     )
 
 
-LISTED_SCAN_ATTEMPTS = 3
-
-
 def _collect_listed(storage: Storage, build: Callable[[], pl.LazyFrame]) -> pl.DataFrame:
     """Collect a scan of listed files, listing again if one vanished meanwhile: a run deletes quarantine files
     of batches and days that have nothing rejected any more (docs/storage.md: lazy scans)."""
-    attempt = 1
-    while True:
-        try:
-            return storage.collect(build())
-        except FileNotFoundError:
-            if attempt >= LISTED_SCAN_ATTEMPTS:
-                raise
-            attempt += 1
+    return storage.collect_listed(build)
 
 
 def _quarantine_frame(

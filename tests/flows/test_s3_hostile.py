@@ -3,6 +3,7 @@
 - A landed object deleted between the listing and its read is skipped with a warning, in a run and in a
   re-ingesting backfill, instead of failing the whole run; if it is landed again, the next run reads it.
 - `meterlake query` reads each event once while a re-ingest replaces event files (or was killed doing so).
+- `meterlake status` (the manifest, read outside the run lock) while a run compacts the manifest lists it again.
 - What Polars' own S3 reader (the lazy scans of the manifest, events and quarantine) still fails with after its
   retries ends a command as every other storage failure does: one line, exit 3, naming the object.
 - A bucket in another region than the requests are signed for, or behind another endpoint, is one line naming
@@ -93,6 +94,76 @@ def test_a_batch_deleted_between_listing_and_reading_is_skipped(
     land(storage, "b.jsonl", jsonl([prompt(2, 5)]))  # landed again: read by the next run
     assert run(storage)["events_stored"] == 1
     assert tokens(storage) == 15
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("killed", ["before-commit", "after-commit"])
+def test_a_query_counts_each_event_once_while_a_re_ingest_replaces_the_event_files(
+    any_root: Storage, killed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-ingest writes new event files, commits, then deletes the old ones one by one (seconds on S3); killed in
+    between, both stay until the next run. A query in that window read both and counted every event twice."""
+    storage = any_root
+    meters = meterset(METERS)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10), prompt(2, 5)]))
+    run(storage)
+
+    def query() -> float:
+        return tools.query(storage, meters, "tokens", "2024-01-01", "2024-02-01")["value"].sum()
+
+    assert query() == 15
+    real_delete = storage.delete
+
+    def delete(rels: list[str]) -> None:  # killed after the commit, before the old event files are deleted
+        if any(r.startswith("events/") for r in rels):
+            raise Killed
+        real_delete(rels)
+
+    with monkeypatch.context() as patch:
+        if killed == "before-commit":
+            patch.setattr(state, "commit_manifest", lambda *args: (_ for _ in ()).throw(Killed()))
+        else:
+            patch.setattr(storage, "delete", delete)
+        with pytest.raises(Killed):
+            pipeline.backfill(
+                storage, meters, dt.date(2024, 1, 1), dt.date(2024, 2, 1), reingest_landing=True, log=lambda _: None
+            )
+    assert len(storage.list_files("events")) == 4  # the old and the new file of each of the two dates
+    assert query() == 15
+    run(storage)  # finishes (after-commit) or rolls back (before-commit) the re-ingest
+    assert len(storage.list_files("events")) == 2
+    assert query() == 15 == tokens(storage)
+
+
+def test_status_while_a_run_compacts_the_manifest(
+    s3_root: str, tmp_path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run merges the manifest's files into one every 64 runs, then deletes them; `status` reads the manifest
+    without the lock, and a file it listed was gone when it read it: 'unexpected FileNotFoundError', exit 1."""
+    meters = tmp_path / "meters.yaml"
+    meters.write_text(METERS)
+    storage = Storage(s3_root)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10)]))
+    assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+    land(storage, "b.jsonl", jsonl([prompt(2, 5)]))
+    real = Storage.scan_parquet
+
+    def scan_parquet(self: Storage, rels: list[str]):  # the concurrent run compacts right after the listing
+        if rels and all(r.startswith(f"{state.MANIFEST}/") for r in rels):
+            monkeypatch.setattr(Storage, "scan_parquet", real)
+            self.write_parquet(f"{state.MANIFEST}/compact-x.parquet", real(self, rels).collect())
+            self.delete(rels)
+        return real(self, rels)
+
+    monkeypatch.setattr(Storage, "scan_parquet", scan_parquet)
+    capsys.readouterr()
+    code = main(["status", "--root", s3_root, "--meters", str(meters)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "landing: 1 batch" in out.out, out.out
 
 
 # --- failures of Polars' native reader ---------------------------------------------------------------------
