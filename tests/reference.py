@@ -211,7 +211,7 @@ SELECT ord, file, line, ns,
     json_extract_string(j, '$.type') AS type,
     json_extract_string(j, '$.subject') AS subject,
     CASE WHEN json_type(j, '$.data') = 'OBJECT' THEN json_extract(j, '$.data') END AS d,
-    ns // {DAY_NS} AS utc_day
+    (ns - ((ns % {DAY_NS}) + {DAY_NS}) % {DAY_NS}) // {DAY_NS} AS utc_day  -- floored: DuckDB's // and % truncate
 FROM checked WHERE reason IS NULL;
 
 CREATE TABLE ranked AS
@@ -268,7 +268,8 @@ def _agg_sql(aggregation: str) -> str:
 def _table_sql(meter: RefMeter, kind: str) -> str:
     keys = "subject" + "".join(f", g_{i}" for i in range(len(meter.group_by)))
     if kind == "hourly":
-        window = f"SELECT x.*, ns - ns % {HOUR_NS} AS ws, ns - ns % {HOUR_NS} + {HOUR_NS} AS we FROM x"
+        floor = f"ns - ((ns % {HOUR_NS}) + {HOUR_NS}) % {HOUR_NS}"  # DuckDB's % truncates: floor pre-1970 times
+        window = f"SELECT x.*, {floor} AS ws, {floor} + {HOUR_NS} AS we FROM x"
     else:
         window = "SELECT x.*, p.ws, p.we FROM x JOIN periods p ON x.ns >= p.ws AND x.ns < p.we"
     return f"""

@@ -436,3 +436,31 @@ def test_tables_equal_duckdb_reference(tmp_path: Path, billing: str) -> None:
         expected.excluded, ["meter", "file", "line", "reason"]
     )
     assert set(expected.excluded["reason"].to_list()) == {"missing_value", "bad_value"}
+
+
+def test_reference_floors_times_before_1970(tmp_path: Path) -> None:
+    """Before 1970 the epoch is negative and DuckDB's `%` and `//` truncate toward zero: the reference put
+    1969-12-31T23:30Z in the hour [00:00, 01:00) of 1970-01-01 and on the UTC day of 1970-01-01, so it dropped a
+    copy stored on another day. It must floor, as meterlake does."""
+    yaml = "meters:\n  - {slug: tokens, eventType: prompt, aggregation: SUM, valueProperty: $.tokens}\n"
+    records = [
+        {"specversion": "1.0", "id": "a", "source": "s", "type": "prompt", "subject": "c",
+         "time": "1969-12-31T23:30:00Z", "data": {"tokens": 1}},
+        {"specversion": "1.0", "id": "a", "source": "s", "type": "prompt", "subject": "c",
+         "time": "1970-01-01T00:10:00Z", "data": {"tokens": 10}},
+        {"specversion": "1.0", "id": "b", "source": "s", "type": "prompt", "subject": "c",
+         "time": "1899-06-30T12:00:00.5-05:00", "data": {"tokens": 100}},
+    ]  # fmt: skip
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    pipeline.run(storage, parse_meters(yaml), log=lambda _: None)
+    expected = compute([Batch("landing/a.jsonl", records)], yaml)
+    starts = sorted(expected.tables["tokens/hourly"]["window_start"].to_list())
+    assert [t.isoformat() for t in starts] == [
+        "1899-06-30T17:00:00+00:00",
+        "1969-12-31T23:00:00+00:00",
+        "1970-01-01T00:00:00+00:00",
+    ]
+    assert expected.events == 3
+    for kind in ("hourly", "period"):
+        assert_tables_match(table(storage, "tokens", kind), expected.tables[f"tokens/{kind}"], kind)
