@@ -654,6 +654,7 @@ def reingest(storage: Storage, run_id: str, meterset: MeterSet, start: dt.date, 
     write_events(storage, kept, run_id)
     for (b,), part in quarantine.group_by(["batch"], maintain_order=True):
         storage.write_parquet(batch_quarantine_file(str(b)), part.with_columns(date=pl.lit(run_date(run_id))))
+    state.forget_batches(storage, {r["batch"] for r in rows})  # their events are gone from the range
     state.commit_manifest(storage, run_id, [{**r, "run_id": run_id} for r in rows])
     storage.delete(old)
     reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())

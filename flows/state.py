@@ -87,6 +87,28 @@ def commit_manifest(storage: Storage, run_id: str, rows: list[dict]) -> None:
     compact_manifest(storage)
 
 
+def forget_batches(storage: Storage, landed: set[str]) -> None:
+    """Drop the manifest rows of batches that are not `landed` any more: a re-ingest stores the events of the landed
+    batches only, so the same file landed again must be read again (and deduplicated against the store), not taken
+    for a batch already stored. Each run keeps a row (its commit record: `committed_runs`).
+
+    Called before the re-ingest's commit: forgetting only ever makes a later run read a file again, so a crash
+    anywhere leaves a manifest whose every batch has its events stored (the rule the run's skip relies on)."""
+    files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
+    if not files:
+        return
+    merged = storage.collect(storage.scan_parquet(files))
+    gone = (pl.col("batch") != "") & ~pl.col("batch").is_in(sorted(landed))
+    if not merged.filter(gone).height:
+        return
+    kept = merged.filter(~gone)
+    emptied = sorted(set(merged["run_id"].to_list()) - set(kept["run_id"].to_list()))
+    markers = [{"path": "", "size": 0, "mtime": 0.0, "etag": "", "batch": "", "run_id": r} for r in emptied]
+    kept = pl.concat([kept, pl.DataFrame(markers, schema=MANIFEST_SCHEMA)]) if markers else kept
+    storage.write_parquet(f"{MANIFEST}/compact-{new_run_id()}.parquet", kept)
+    storage.delete(files)
+
+
 def compact_manifest(storage: Storage) -> None:
     files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
     if len(files) <= COMPACT_AFTER:

@@ -146,3 +146,79 @@ def test_reingest_says_how_many_stored_events_no_landed_batch_holds_any_more(tmp
     again = _reingest(storage, "2024-01-01", "2024-01-10")
     assert again["events_removed"] == 0
     assert run(storage, METERS)["events_removed"] == 0
+
+
+@pytest.mark.parametrize("gone", ["deleted", "replaced"])
+def test_a_batch_landed_again_after_a_reingest_dropped_its_events_is_read_again(tmp_path: Path, gone: str) -> None:
+    """1.jsonl is read, then leaves landing/ (deleted, or re-landed with other content), and a re-ingest drops its
+    events. The producer lands the very same bytes again: its events are landed, so they count (a from-scratch run
+    over the landed files stores them); it is not a touched file whose events are already stored."""
+    original = jsonl([_ev(1, 3), _ev(2, 4)])
+    other = jsonl([_ev(7, 3)])
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", original, mtime=1_700_000_000)
+    land(storage, "keep.jsonl", jsonl([_ev(9, 20)]), mtime=1_700_000_001)
+    run(storage, METERS)
+    if gone == "deleted":
+        storage.delete(["landing/1.jsonl"])
+    else:
+        land(storage, "1.jsonl", other, mtime=1_700_000_010)
+        run(storage, METERS)
+    _reingest(storage, "2024-01-01", "2024-02-01")
+    assert "e1" not in _ids(storage)
+    land(storage, "1.jsonl", original, mtime=1_700_000_020)  # the same path and bytes as the first time
+    run(storage, METERS)
+    scratch = _scratch(
+        tmp_path,
+        [
+            ("keep.jsonl", jsonl([_ev(9, 20)])),
+            *([("v2/1.jsonl", other)] if gone == "replaced" else []),
+            ("1.jsonl", original),
+        ],
+    )
+    assert _ids(storage) == _ids(scratch) == sorted(["e1", "e2", "e9", *(["e7"] if gone == "replaced" else [])])
+    for key, table in all_tables(scratch, METERS).items():
+        assert_tables_match(all_tables(storage, METERS)[key], table, key)
+
+
+def test_a_batch_restored_with_its_old_mtime_after_a_reingest_dropped_its_events_is_read_again(tmp_path: Path) -> None:
+    """`cp -p` or `rsync -t` bring back the file's path, size and modification time: the listing alone must not
+    take it for the batch the manifest once read."""
+    original = jsonl([_ev(1, 3), _ev(2, 4)])
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", original, mtime=1_700_000_000)
+    run(storage, METERS)
+    storage.delete(["landing/1.jsonl"])
+    _reingest(storage, "2024-01-01", "2024-02-01")
+    assert not storage.list_files("events", (".parquet",))
+    land(storage, "1.jsonl", original, mtime=1_700_000_000)
+    assert run(storage, METERS)["events_stored"] == 2
+    assert _ids(storage) == ["e1", "e2"]
+    assert run(storage, METERS)["batches"] == 0  # read once, then known again
+
+
+def test_a_reingest_killed_after_forgetting_a_batch_leaves_every_known_batch_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between forgetting and its commit: the re-ingest is rolled back, its events stay, and the batch it
+    forgot is merely read again when it lands again (deduplicated), never skipped with its events gone."""
+    original = jsonl([_ev(1, 3)])
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", original, mtime=1_700_000_000)
+    land(storage, "2.jsonl", jsonl([_ev(2, 5)]), mtime=1_700_000_001)
+    run(storage, METERS)
+    storage.delete(["landing/1.jsonl"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.state, "commit_manifest", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _reingest(storage, "2024-01-01", "2024-02-01")
+    run(storage, METERS)  # rolls the re-ingest back: e1 is still stored
+    assert _ids(storage) == ["e1", "e2"]
+    land(storage, "1.jsonl", original, mtime=1_700_000_050)
+    out = run(storage, METERS)
+    assert (out["events_stored"], out["duplicates_dropped"]) == (0, 1)
+    assert _ids(storage) == ["e1", "e2"]

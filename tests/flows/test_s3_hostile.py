@@ -96,6 +96,27 @@ def test_a_batch_deleted_between_listing_and_reading_is_skipped(
     assert tokens(storage) == 15
 
 
+@pytest.mark.parametrize("same_range", [True, False], ids=["its-dates", "other-dates"])
+def test_a_batch_landed_again_after_a_re_ingest_without_it_is_counted_again(
+    any_root: Storage, same_range: bool
+) -> None:
+    """b.jsonl is deleted from landing/ (a retention rule, an operator), a re-ingest takes its events out of the store,
+    and then the very same file is landed again: the next run must count it, as a from-scratch run would."""
+    storage = any_root
+    land(storage, "a.jsonl", jsonl([prompt(1, 10)]))
+    b = jsonl([prompt(2, 5), prompt(30, 7)])  # 2024-01-03 and 2024-01-03 + 28 days: 2024-01-03, 2024-01-31
+    land(storage, "b.jsonl", b)
+    run(storage)
+    storage.delete(["landing/b.jsonl"])
+    end = dt.date(2024, 2, 1) if same_range else dt.date(2024, 1, 2)
+    pipeline.backfill(storage, meterset(METERS), dt.date(2024, 1, 1), end, reingest_landing=True, log=lambda _: None)
+    assert tokens(storage) == (10 if same_range else 22)
+    land(storage, "b.jsonl", b)  # the same content at the same path, landed again
+    summary = run(storage)
+    assert summary["events_stored"] == (2 if same_range else 0)  # its events outside the range were never taken out
+    assert tokens(storage) == 22
+
+
 class Killed(Exception):
     pass
 
