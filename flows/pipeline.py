@@ -97,6 +97,17 @@ def history_dates(storage: Storage, meters: list[Meter]) -> list[str]:
     return sorted(dates)
 
 
+def unbuilt_meters(storage: Storage, meterset: MeterSet) -> list[str]:
+    """With no events stored, the meters nothing was built of (no table, no day partition or partial state): the
+    run records them as built by their current definition. Not a meter left out of the meters file while a
+    re-ingest emptied events/: its tables and partials of the events gone are still there (stale until rebuilt)."""
+    return [
+        m.slug
+        for m in meterset.meters
+        if not history_dates(storage, [m]) and not recompute.published_period_keys(storage, m.slug)
+    ]
+
+
 # --- finding and ingesting batches -------------------------------------------------------------------
 def find_new_batches(storage: Storage) -> list[FileInfo]:
     """Landed files whose (path, size, mtime, etag) the manifest has not seen, in landing order."""
@@ -409,14 +420,19 @@ def run(
     try:
         redo, stale = runner.step("recover", recover, storage)
         batches = runner.step("find-new-batches", find_new_batches, storage)
-        had_events = bool(event_files_by_date(storage))
+        unbuilt = [] if event_files_by_date(storage) else unbuilt_meters(storage, meterset)
         result: IngestResult = runner.step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
         for pending in stale:
             state.clear_pending(storage, pending.run_id)
         # Before anything is recomputed: a run killed after its commit must not leave the record behind.
         recomputing = {m.slug for m in meterset.meters if m.event_type in result.touched}
         fingerprints = update_fingerprints(
-            storage, meterset, first_run=not had_events, recomputed=recomputing, events_changed=result.stored > 0
+            storage,
+            meterset,
+            first_run=False,
+            rebuilt=unbuilt,
+            recomputed=recomputing,
+            events_changed=result.stored > 0,
         )
         state.refresh_lock(storage, run_id, lock_ttl)
         meters_summary = recompute_all(storage, meterset, result.touched, runner)

@@ -253,3 +253,27 @@ def test_a_backfill_over_every_event_date_does_not_rebuild_days_whose_events_a_r
     )
     assert _backfill(storage, BOTH, "2024-01-03", "2024-01-06", slugs=["tokens"])["stale_meters"] == []
     assert not _differs(all_tables(storage, BOTH), all_tables(scratch, BOTH))
+
+
+def test_a_meter_absent_while_a_reingest_emptied_events_is_stale_when_added_back(tmp_path: Path) -> None:
+    """`tokens` is left out of the meters file while a re-ingest empties events/ (its file left landing/): its
+    tables and day partials of Jan 3 stay as they were. Added back, the next run (the first with events again) must
+    not record it as built by its definition: it is stale, and the backfill that rebuilds it gives the from-scratch
+    tables. Recorded as current, its Jan period kept counting the gone event (3 instead of 2) with nothing stale."""
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", jsonl([_ev(1, 3)]), mtime=1_700_000_000)
+    run(storage, BOTH)
+    storage.delete(["landing/1.jsonl"])
+    _backfill(storage, ONLY_PROMPTS, reingest_landing=True)
+    assert not storage.list_files("events")
+    later = [("2.jsonl", jsonl([_ev(2, 5)]))]
+    land(storage, *later[0], mtime=1_700_000_010)
+    assert run(storage, BOTH)["stale_meters"] == ["tokens"]
+    _backfill(storage, BOTH, slugs=["tokens"])
+    assert run(storage, BOTH)["stale_meters"] == []
+    scratch = local_root(tmp_path, "scratch")
+    land(scratch, *later[0], mtime=1_700_000_010)
+    run(scratch, BOTH)
+    expected = all_tables(scratch, BOTH)
+    assert expected["tokens/period"]["value"].to_list() == [2.0]
+    assert not _differs(all_tables(storage, BOTH), expected)
