@@ -432,7 +432,8 @@ def run(
             first_run=False,
             rebuilt=unbuilt,
             recomputed=recomputing,
-            events_changed=result.stored > 0,
+            # a crashed run or re-ingest finished or rolled back changes events/ too (its tables were not rebuilt)
+            events_changed=result.stored > 0 or bool(stale),
         )
         state.refresh_lock(storage, run_id, lock_ttl)
         meters_summary = recompute_all(storage, meterset, result.touched, runner)
@@ -737,7 +738,8 @@ def backfill(
         # Before anything is re-ingested or recomputed: a kill right after the re-ingest's commit must still leave
         # the meters it moves recorded as rebuilt by mixed definitions, and absent meters' records dropped.
         recomputing = {m.slug for m in selected.meters} | {m.slug for m in meterset.meters if m.event_type in redo}
-        update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=reingest_landing)
+        changed = reingest_landing or bool(stale)  # as in `run`: a recovered run changes events/ as well
+        update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=changed)
         result = IngestResult()
         if reingest_landing:
             result = runner.step("reingest", reingest, storage, run_id, meterset, start, end)

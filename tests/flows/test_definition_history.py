@@ -277,3 +277,45 @@ def test_a_meter_absent_while_a_reingest_emptied_events_is_stale_when_added_back
     expected = all_tables(scratch, BOTH)
     assert expected["tokens/period"]["value"].to_list() == [2.0]
     assert not _differs(all_tables(storage, BOTH), expected)
+
+
+class _Crash(Exception):
+    """Stands for a kill right after a re-ingest's commit, before it deleted the old event files."""
+
+
+@pytest.mark.parametrize("recovered_by", ["run", "backfill"])
+def test_a_meter_absent_while_a_crashed_reingest_is_finished_is_stale_when_added_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recovered_by: str
+) -> None:
+    """A re-ingest without 1.jsonl (deleted from landing/) commits and dies before deleting e1's event file and
+    recomputing. The next run or backfill, with `tokens` left out of the meters file, finishes it: e1 leaves
+    events/, `prompts` is rebuilt, `tokens`' tables still count e1. Added back, `tokens` must be stale, as after a
+    re-ingest it was absent from; recorded as current, its Jan period stayed 3 (e1 + e2) with nothing stale."""
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", jsonl([_ev(1, 3)]), mtime=1_700_000_000)
+    land(storage, "2.jsonl", jsonl([_ev(2, 5)]), mtime=1_700_000_010)
+    run(storage, BOTH)
+    storage.delete(["landing/1.jsonl"])
+    commit = pipeline.state.commit_manifest
+
+    def commit_then_die(*args, **kwargs) -> None:
+        commit(*args, **kwargs)
+        raise _Crash
+
+    monkeypatch.setattr(pipeline.state, "commit_manifest", commit_then_die)
+    with pytest.raises(_Crash):
+        _backfill(storage, BOTH, reingest_landing=True)
+    monkeypatch.setattr(pipeline.state, "commit_manifest", commit)
+    if recovered_by == "run":
+        run(storage, ONLY_PROMPTS)
+    else:
+        _backfill(storage, ONLY_PROMPTS, "2024-03-01", "2024-04-01")
+    assert not storage.list_files("_state/pending")
+    assert run(storage, BOTH)["stale_meters"] == ["tokens"]
+    _backfill(storage, BOTH, slugs=["tokens"])
+    scratch = local_root(tmp_path, "scratch")
+    land(scratch, "2.jsonl", jsonl([_ev(2, 5)]), mtime=1_700_000_010)
+    run(scratch, BOTH)
+    expected = all_tables(scratch, BOTH)
+    assert expected["tokens/period"]["value"].to_list() == [2.0]
+    assert not _differs(all_tables(storage, BOTH), expected)
