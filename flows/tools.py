@@ -456,7 +456,9 @@ def status(root: str | Storage, meters: str | os.PathLike | MeterSet | None = No
             definition, stale = None, None
         else:
             definition = "new" if slug not in stored else ("unchanged" if stored[slug] == fp else "changed")
-            stale = definition != "unchanged" and has_events
+            # stale when it has a history another definition built: stored events, or tables left from events
+            # a re-ingest took away (while the meter was out of the meters file)
+            stale = definition != "unchanged" and (has_events or bool(periods or days))
         rows.append(
             {
                 "slug": slug,

@@ -43,3 +43,27 @@ def test_changed_meter_is_stale_until_backfilled(tmp_path: Path) -> None:
     )
     assert full["stale_meters"] == [] and full["stale_periods"] == {}
     assert run(storage, meterset(AFTER))["stale_meters"] == []
+
+
+def test_a_meter_added_back_over_tables_of_gone_events_is_stale_with_events_empty(tmp_path: Path) -> None:
+    """`tokens_total` is left out of the meters file while a re-ingest takes the only event away (its file left
+    landing/): events/ is empty, but its tables still count that event. Added back, `status` must report it stale
+    (the backfill it prints deletes them); it reported no stale meter because no event was stored."""
+    from flows import tools
+
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl([event("1", "2024-01-05T00:00:00Z", data={"tokens": 1})]))
+    run(storage, meterset(BEFORE))
+    storage.delete(["landing/a.jsonl"])
+    only_prompts = meterset("meters:\n  - {slug: prompts, eventType: prompt, aggregation: COUNT}\n")
+    pipeline.backfill(
+        storage, only_prompts, dt.date(2024, 1, 1), dt.date(2024, 2, 1), reingest_landing=True, log=lambda _: None
+    )
+    assert not storage.list_files("events") and storage.list_files("usage/tokens_total/period")
+    status = tools.status(storage, meterset(BEFORE))
+    assert dict(zip(status["slug"], status["stale"], strict=True)) == {"tokens_total": True, "prompts": False}
+    pipeline.backfill(
+        storage, meterset(BEFORE), dt.date(2024, 1, 5), dt.date(2024, 1, 6), slugs=["tokens_total"], log=lambda _: None
+    )
+    assert not storage.list_files("usage/tokens_total")
+    assert not tools.status(storage, meterset(BEFORE))["stale"].any()
