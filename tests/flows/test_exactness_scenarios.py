@@ -361,7 +361,7 @@ ZYGOTE = textwrap.dedent(
     import datetime as dt, json, os, signal, sys
     sys.path.insert(0, sys.argv[1])
     import fsspec.implementations.local as local
-    from flows import pipeline, recompute
+    from flows import pipeline, recompute, state
     from flows.storage import Storage
     from meters import parse_meters
 
@@ -385,12 +385,19 @@ ZYGOTE = textwrap.dedent(
         meters = parse_meters(cmd["meters"])
         storage = Storage(cmd["root"])
         quiet = lambda _: None
-        if cmd["op"] == "run":
-            pipeline.run(storage, meters, log=quiet, lock_ttl=0)
-        else:
-            start, end = (dt.date.fromisoformat(d) for d in cmd["range"])
-            pipeline.backfill(storage, meters, start, end, slugs=cmd["slugs"], reingest_landing=cmd["op"] == "reingest",
-                              log=quiet, lock_ttl=0)
+        state.TAKEOVER_STALE_SECONDS = 0  # see `tuned`
+        for attempt in range(2):
+            try:
+                if cmd["op"] == "run":
+                    pipeline.run(storage, meters, log=quiet, lock_ttl=0)
+                else:
+                    start, end = (dt.date.fromisoformat(d) for d in cmd["range"])
+                    pipeline.backfill(storage, meters, start, end, slugs=cmd["slugs"],
+                                      reingest_landing=cmd["op"] == "reingest", log=quiet, lock_ttl=0)
+                return
+            except state.LockHeld:
+                if attempt:
+                    raise
 
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -511,13 +518,25 @@ LIMIT_MODULES = {"CHUNK_BYTES": pipeline, "SLICE_BYTES": recompute, "PERIOD_READ
 
 
 def tuned(limits: dict, fn, *args, **kwargs):
-    """Call `fn` with the module limits set (the from-scratch runs keep the defaults)."""
+    """Call `fn` with the module limits set (the from-scratch runs keep the defaults).
+
+    A kill can fall inside a lock takeover, after its marker was created and before the dead lock was deleted;
+    the next run then refuses for TAKEOVER_STALE_SECONDS (5 minutes, by design) and clears the marker after that.
+    The operator's retry 5 minutes later is played as an immediate retry with that delay at 0.
+    """
     saved = {name: getattr(LIMIT_MODULES[name], name) for name in limits}
     for name, value in limits.items():
         setattr(LIMIT_MODULES[name], name, value)
+    stale_after = state.TAKEOVER_STALE_SECONDS
+    state.TAKEOVER_STALE_SECONDS = 0
     try:
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except state.LockHeld as exc:
+            assert "taking over the lock of the crashed run" in str(exc), exc
+            return fn(*args, **kwargs)
     finally:
+        state.TAKEOVER_STALE_SECONDS = stale_after
         for name, value in saved.items():
             setattr(LIMIT_MODULES[name], name, value)
 
