@@ -1232,3 +1232,230 @@ def test_backfill_dates_are_yyyy_mm_dd_only(env, capsys, tmp_path, value):
     args = ("backfill", "--from", value, "--to", "2024-03-01", "--root", root.root, "--meters", env["meters"])
     code, _, err = cli(capsys, *args)
     assert code == 2 and err.strip() == f"error: --from: {value!r} is not a date; use YYYY-MM-DD, e.g. 2024-01-31"
+
+
+# --- backfill options: the range, the meters named, what reaches the flow run -------------------------------
+def test_backfill_range_that_ends_where_it_starts_is_one_line_exit_2_before_any_work(env, capsys, tmp_path):
+    root = local_root(tmp_path)
+    args = ("backfill", "--from", "2024-03-05", "--to", "2024-03-05", "--root", root.root, "--meters", env["meters"])
+    code, out, err = cli(capsys, *args)
+    assert (code, out, err) == (2, "", "error: --to (2024-03-05) must be after --from (2024-03-05)\n")
+    assert not root.exists("_state/runs")
+
+
+def test_backfill_of_an_unknown_meter_is_one_line_exit_2_before_any_work(env, capsys, tmp_path):
+    root = local_root(tmp_path)
+    code, out, err = cli(capsys, "backfill", *RANGE, "--meter", "nope", "--root", root.root, "--meters", env["meters"])
+    assert (code, out) == (2, ""), err
+    assert err == "error: unknown meter 'nope' (known: duration, calls)\n"
+    assert not root.exists("_state/runs")
+
+
+def test_backfill_of_one_meter_recomputes_that_meter_alone(env, capsys, tmp_path):
+    root = local_root(tmp_path)
+    land(root, "b1.jsonl", jsonl([event("e1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1})]))
+    run(root, meterset(METERS_YAML))
+    code, out, err = cli(capsys, "backfill", *RANGE, "--meter", "calls", "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+    assert "meters recomputed 1," in out and "    calls: 1 period rows" in out, out
+    assert "duration:" not in out, out
+
+
+@pytest.fixture
+def flow_runs(monkeypatch):
+    """The command line's flow runs, recorded instead of started (no Prefect server, no Dask cluster)."""
+    from flows import prefect_flows
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(prefect_flows, "scheduler_problem", lambda address: None)
+    monkeypatch.setattr(prefect_flows, "needs_api_url", lambda: False)
+    monkeypatch.setattr(prefect_flows, "will_start_temporary_server", lambda: False)
+    monkeypatch.setattr(prefect_flows, "run_hourly", lambda **kw: calls.append(("hourly", kw)) or {})
+    monkeypatch.setattr(prefect_flows, "run_backfill", lambda **kw: calls.append(("backfill", kw)) or {})
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("options", "dask", "workers"),
+    [(["--workers", "2"], None, 2), (["--dask", "tcp://scheduler:8786"], "tcp://scheduler:8786", None)],
+)
+def test_dask_options_run_the_hourly_flow_with_them(env, capsys, tmp_path, flow_runs, options, dask, workers):
+    root = local_root(tmp_path)
+    code, _, err = cli(capsys, "run", *options, "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+    assert flow_runs == [
+        ("hourly", {"root": root.root, "meters": env["meters"], "dask_address": dask, "workers": workers})
+    ]
+    assert not root.exists("_state/runs")  # the plain run did not run instead
+
+
+def test_backfill_options_reach_the_backfill_flow(env, capsys, tmp_path, flow_runs):
+    import datetime as dt
+
+    root = local_root(tmp_path)
+    options = ["--meter", "calls", "--meter", "duration", "--reingest", "--workers", "3"]
+    code, _, err = cli(capsys, "backfill", *RANGE, *options, "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+    assert flow_runs == [
+        (
+            "backfill",
+            {
+                "dask_address": None,
+                "workers": 3,
+                "start": dt.date(2024, 3, 5),
+                "end": dt.date(2024, 3, 7),
+                "root": root.root,
+                "meters": env["meters"],
+                "meter": ["calls", "duration"],
+                "reingest": True,
+            },
+        )
+    ]
+    flow_runs.clear()
+    code, _, err = cli(capsys, "backfill", *RANGE, "--prefect", "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+    assert [(kind, kw["meter"], kw["reingest"]) for kind, kw in flow_runs] == [("backfill", None, False)]
+
+
+def test_prefect_api_url_makes_a_flow_run_the_default(env, capsys, tmp_path, flow_runs, monkeypatch):
+    root = local_root(tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    code, _, err = cli(capsys, "run", "--root", root.root, "--meters", env["meters"])
+    assert code == 0 and [kind for kind, _ in flow_runs] == ["hourly"], err
+    code, _, err = cli(capsys, "run", "--no-prefect", "--root", root.root, "--meters", env["meters"])
+    assert code == 0 and [kind for kind, _ in flow_runs] == ["hourly"], err  # no second flow run: a plain one
+    assert root.exists("_state/runs")
+
+
+# --- report options -------------------------------------------------------------------------------------------
+def test_report_top_default_file_and_standard_output(env, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("plotly")
+    monkeypatch.chdir(tmp_path)
+    where = ("--root", env["root"], "--meters", env["meters"])
+    code, out, err = cli(capsys, "report", "duration", "--period", "2024-03", "--top", "2", *where)
+    assert code == 0, err
+    assert out.startswith("wrote report-duration-2024-03.html (") and out.endswith("KB, opens without network)\n")
+    page = (tmp_path / "report-duration-2024-03.html").read_text()
+    assert "Top 2 subjects" in page and "Top 5 subjects" not in page  # 5 subjects, 2 asked for
+    assert "5 subject(s)" in page  # the count says how many there are, not how many are shown
+    code, out, err = cli(capsys, "report", "duration", "--period", "2024-03", "--out", "-", *where)
+    assert code == 0, err
+    assert out.startswith("<!DOCTYPE html>") and "Top 5 subjects" in out and "wrote" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-duration-2024-03.html"]
+    code, out, err = cli(capsys, "report", "duration", "--period", "2024-03", "--top", "0", *where)
+    assert (code, out, err) == (2, "", "error: --top must be 1 or more\n")
+
+
+# --- preview and quarantine counts ----------------------------------------------------------------------------
+def test_preview_rows_and_limit(env, capsys, tmp_path):
+    sample = tmp_path / "sample.jsonl"
+    sample.write_bytes(
+        jsonl(
+            [event(f"v{i}", "2024-04-01T00:00:00Z", type="request", subject=f"s{i}", data={}) for i in range(3)]
+            + [event("ok", "2024-04-01T00:00:00Z", type="request", subject="s9", data={"duration_ms": 1})]
+        )
+    )
+
+    def preview(rows: int, limit: int) -> list[str]:
+        code, out, err = cli(capsys, "preview", env["meters"], sample, "--rows", rows, "--limit", limit)
+        assert code == 0, err
+        return [line.rstrip() for line in out.splitlines()]  # rich pads a table's title to the table's width
+
+    lines = preview(4, 3)  # calls has 4 period rows, duration excludes 3 events: all shown, nothing said
+    assert "calls: period rows" in lines and "excluded by a meter: 3" in lines, lines
+    assert sum(line.startswith("  meter missing_value meter=duration") for line in lines) == 3
+    lines = preview(1, 1)
+    assert "calls: period rows (first 1 of 4)" in lines and "excluded by a meter: 3 (first 1)" in lines, lines
+    calls = lines[lines.index("calls: period rows (first 1 of 4)") :]
+    assert sum(line.startswith(" 2024-04-01") for line in calls) == 1, lines
+    assert sum(line.startswith("  meter missing_value meter=duration") for line in lines) == 1
+
+
+def test_quarantine_limit_below_zero_is_one_line_exit_2(env, capsys):
+    code, out, err = cli(capsys, "quarantine", "--root", env["root"], "--limit", "-1")
+    assert (code, out, err) == (2, "", "error: --limit must be 0 or more\n")
+
+
+# --- status: waiting batches and a lock the next run takes over ---------------------------------------------
+def test_status_shows_waiting_batches_and_an_expired_lock(env, capsys, tmp_path):
+    root = local_root(tmp_path)
+    body = jsonl([event("e1", "2024-03-05T00:00:00Z", type="request", data={"duration_ms": 1})])
+    land(root, "a/b1.jsonl", body)
+    held = {"run_id": "r1", "host": "elsewhere", "pid": 1, "expires_at": "2000-01-01T00:00:00+00:00"}
+    root.write_bytes("_state/lock.json", json.dumps(held).encode())
+    code, out, err = cli(capsys, "status", "--root", root.root, "--meters", env["meters"])
+    assert code == 0, err
+    assert f"landing: 1 batch(es) waiting ({len(body)} bytes), first landing/a/b1.jsonl" in out, out
+    assert "lock: held by run r1 on elsewhere pid 1 (expired, the next run takes it over)" in " ".join(out.split())
+
+
+def test_a_backfill_may_end_at_the_end_of_the_years_event_times_can_hold(env, capsys, tmp_path):
+    root = local_root(tmp_path)
+    args = ("--from", "2261-12-31", "--to", "2262-01-01", "--root", root.root, "--meters", env["meters"])
+    code, out, err = cli(capsys, "backfill", *args)
+    assert code == 0 and out.startswith("run "), err
+
+
+# --- query: a filter without a key, files that cannot be, Parquet on a terminal, the table's title -------------
+def test_a_filter_without_a_key_is_one_line_exit_2(env, capsys):
+    code, out, err = q(env, capsys, "duration", *RANGE, "--filter", "=GET")
+    assert (code, out) == (2, ""), err
+    assert err == "error: --filter: '=GET' is not KEY=VALUE (e.g. --filter model=gpt-4)\n"
+
+
+def test_out_that_is_a_folder_or_in_no_folder_is_named_as_such(env, capsys, tmp_path):
+    code, _, err = q(env, capsys, "duration", *RANGE, "-f", "csv", "-o", tmp_path)
+    assert (code, err) == (2, f"error: --out: {tmp_path} is a folder; give a file name\n")
+    missing = tmp_path / "nowhere" / "x.csv"
+    code, _, err = q(env, capsys, "duration", *RANGE, "-f", "csv", "-o", missing)
+    assert (code, err) == (2, f"error: --out: folder {missing.parent} does not exist\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parquet_to_a_terminal_is_refused(env, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = q(env, capsys, "duration", *RANGE, "-f", "parquet", "-o", "-")
+    assert (code, out) == (2, ""), err
+    assert err.startswith("error: --format parquet --out -: standard output is a terminal")
+
+
+def test_query_table_title_names_meter_range_window_and_zone(env, capsys):
+    code, out, err = q(env, capsys, "duration", *RANGE, "-w", "DAY", "--tz", "Asia/Tokyo")
+    assert code == 0, err
+    assert " ".join(out.split()).startswith(
+        "duration (SUM) [2024-03-05 00:00+09:00, 2024-03-07 00:00+09:00) window DAY, Asia/Tokyo "
+    ), out
+
+
+def test_a_meters_file_with_five_problems_names_them_all_without_a_tail(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "meters:\n" + "".join(f"  - slug: m{i}\n    eventType: t\n    aggregation: SUMM\n" for i in range(5))
+    )
+    (tmp_path / "root").mkdir()
+    code, out, err = cli(capsys, "run", "--root", tmp_path / "root", "--meters", bad)
+    assert (code, out) == (2, "")
+    assert err.count("must be one of SUM") == 5 and "more" not in err, err
+
+
+def test_serve_gives_both_deployments_its_options(env, prefect_logging, capsys, no_serving, monkeypatch):
+    """The --cron asked for, the root, the meters file as an absolute path (a served run may start in another
+    folder) and a concurrency limit of one that queues a run while another is active."""
+    monkeypatch.chdir(env["base"])
+    code, _, err = cli(capsys, "serve", "--root", env["root"], "--meters", "meters.yaml", "--cron", "0 */2 * * *")
+    assert code == 0, err
+    ((hourly, backfill),) = no_serving
+    params = {"root": env["root"], "meters": str(env["base"] / "meters.yaml")}
+    assert (hourly.name, hourly.parameters, backfill.name, backfill.parameters) == (
+        "hourly",
+        params,
+        "backfill",
+        params,
+    )
+    assert [s.schedule.cron for s in hourly.schedules] == ["0 */2 * * *"] and not backfill.schedules
+    for deployment in (hourly, backfill):
+        assert deployment.concurrency_limit == 1, deployment.name
+        assert deployment.concurrency_options.collision_strategy == "ENQUEUE", deployment.name
