@@ -110,15 +110,17 @@ def test_temporary_server_notice_is_printed_once_before_the_run(root, capsys, mo
     calls = []
     monkeypatch.setattr(prefect_flows, "will_start_temporary_server", lambda: True)
     monkeypatch.setattr(prefect_flows, "needs_api_url", lambda: False)
+    monkeypatch.setattr(prefect_flows, "isolate_temporary_server", lambda: calls.append("isolated"))
     monkeypatch.setattr(prefect_flows, "run_hourly", lambda **kw: calls.append(kw))
     code = main(["run", "--root", root["root"], "--meters", root["meters"], "--prefect"])
     out, err = capsys.readouterr()
-    assert code == 0 and len(calls) == 1
+    assert code == 0 and len(calls) == 2
+    assert calls[0] == "isolated"  # the server, started by the flow run, gets a session of its own
     assert err.count(TEMPORARY_SERVER_NOTICE) == 1 and "PREFECT_API_URL" in err and not out
 
     monkeypatch.setattr(prefect_flows, "will_start_temporary_server", lambda: False)
     code = main(["run", "--root", root["root"], "--meters", root["meters"], "--prefect"])
-    assert code == 0 and len(calls) == 2 and not capsys.readouterr().err
+    assert code == 0 and len(calls) == 3 and not capsys.readouterr().err
 
 
 def test_no_api_and_no_temporary_server_is_one_line_exit_2(root, capsys, monkeypatch) -> None:
@@ -186,3 +188,33 @@ def test_validate_and_help_import_neither_polars_nor_prefect() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_flow_run_needs_a_server_when_there_is_no_api_and_no_temporary_server() -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    from flows.prefect_flows import needs_api_url, will_start_temporary_server
+
+    for url, ephemeral, needs, temporary in [
+        (None, False, True, False),
+        (None, True, False, True),
+        ("http://127.0.0.1:4200/api", False, False, False),
+        ("http://127.0.0.1:4200/api", True, False, False),
+    ]:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_SERVER_EPHEMERAL_ENABLED: ephemeral}):
+            assert (needs_api_url(), will_start_temporary_server()) == (needs, temporary), (url, ephemeral)
+
+
+def test_dask_task_runner_uses_the_address_given_or_a_local_cluster_of_one_thread_processes() -> None:
+    from flows.prefect_flows import task_runner
+
+    assert task_runner() is None and task_runner(None, 0) is None  # threads
+    remote = task_runner("tcp://scheduler:8786", 4)  # an address wins: its cluster has its own workers
+    assert remote.address == "tcp://scheduler:8786"
+    local = task_runner(None, 3)
+    assert local.address is None
+    assert {k: local.cluster_kwargs[k] for k in ("n_workers", "threads_per_worker", "processes")} == {
+        "n_workers": 3,
+        "threads_per_worker": 1,
+        "processes": True,
+    }
