@@ -423,3 +423,49 @@ def test_report_renders_in_a_headless_browser(root, tmp_path):
     dom = done.stdout
     chart = dom[dom.index('id="daily-usage"') :]
     assert 'class="main-svg"' in chart[:20000], "the daily chart did not render to SVG"
+
+
+def test_report_top_counts_and_cells(root):
+    pytest.importorskip("plotly")
+    import polars as pl
+
+    from flows.report import _ranked, build, fmt, html_table
+
+    data = build(root, METERS, "tokens_total", "2024-01", top=1)
+    assert [(s["rank"], s["subject"], s["value"]) for s in data["subjects"]] == [(1, "customer-1", 700.0)]
+    assert data["subject_count"] == 2  # how many there are, not how many are shown
+    assert [(g["model"], g["value"]) for g in data["groups"]["model"]] == [("a", 800.0)]
+    assert [(r["rank"], r["subject"], r["value"]) for r in data["top_rows"]] == [(1, "customer-1", 500.0)]
+    # equal values keep the order of their names; ranks count from 1; null values come last
+    tied = pl.DataFrame({"subject": ["b", None, "c", "a"], "value": [5.0, 9.0, 5.0, None]})
+    assert [(r["rank"], r["subject"]) for r in _ranked(tied, "subject", 4)] == [(1, None), (2, "b"), (3, "c"), (4, "a")]
+    assert [fmt(v) for v in (1234.0, 0.125, 1234567.5, None, -3.0)] == ["1,234", "0.125", "1,234,567.5", "null", "-3"]
+    # subjects and group values are data from producers: shown as text, never as markup
+    cell = html_table([{"subject": "<script>alert(1)</script>", "value": 1.0}])
+    assert "<script>" not in cell and "&lt;script&gt;alert(1)&lt;/script&gt;" in cell
+
+
+def test_report_days_are_billing_zone_days_and_its_text_is_escaped(tmp_path):
+    pytest.importorskip("plotly")
+    from flows.report import build, render
+
+    meters = """
+billing: {period: MONTH, timezone: Europe/Berlin}
+meters:
+  - slug: prompts
+    eventType: prompt
+    aggregation: COUNT
+    description: "<b>counted</b> prompts"
+"""
+    storage = local_root(tmp_path)
+    # 12:00 UTC is 1 January in Berlin, 23:30 UTC on the same UTC day is 2 January there
+    land(storage, "b1.jsonl", jsonl([event("1", "2024-01-01T12:00:00Z"), event("2", "2024-01-01T23:30:00Z")]))
+    run(storage, meterset(meters))
+    daily = build(storage, meterset(meters), "prompts", "2024-01")["daily"]
+    assert [(d.isoformat(), v) for d, v in daily.select("window_start", "value").rows()] == [
+        ("2024-01-01T00:00:00+01:00", 1.0),
+        ("2024-01-02T00:00:00+01:00", 1.0),
+    ]
+    page = render(storage, meterset(meters), "prompts", "2024-01")
+    assert "&lt;b&gt;counted&lt;/b&gt; prompts" in page and "<b>counted</b>" not in page
+    assert "period [2024-01-01T00:00:00+01:00,\n2024-02-01T00:00:00+01:00) (MONTH, Europe/Berlin)" in page
