@@ -19,9 +19,6 @@ ENVELOPE = {
     "data": pl.String,
 }
 
-# A parsed record before validation: the envelope plus where it came from.
-RAW = {**ENVELOPE, "file": pl.String, "line": pl.Int64, "batch_order": pl.Int32}
-
 # The curated store: one row per valid, deduplicated event.
 EVENT = {
     "id": pl.String,
