@@ -696,7 +696,7 @@ def _gone(storage: Storage, stored: list[str], kept: pl.DataFrame) -> int:
     """
     if not stored:
         return 0
-    before = storage.scan_parquet(stored).select(KEY).unique().collect()
+    before = storage.collect(storage.scan_parquet(stored).select(KEY).unique())
     return before.join(kept.select(KEY).unique(), on=KEY, how="anti", nulls_equal=True).height
 
 

@@ -192,6 +192,40 @@ UNAVAILABLE = "error: storage unavailable: read {uri} still failing after 3 atte
 DENIED = "error: access denied: cannot read {uri} (AccessDenied: "
 
 
+def test_a_failing_scan_of_the_replaced_events_ends_a_re_ingest_with_one_line_and_exit_3(
+    s3_root: str, s3_faults: FaultProxy, tmp_path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-ingest's count of the events no landed batch holds any more (`_gone`, events_removed) scans the event
+    files it replaces with Polars' reader: its failure ended `backfill --reingest` as 'unexpected OSError', exit 1."""
+    meters = tmp_path / "meters.yaml"
+    meters.write_text(METERS)
+    storage = Storage(s3_root)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10)]))
+    assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+    real, failed = pipeline._gone, []
+
+    def fail(method: str, path: str) -> bool:
+        if method == "GET" and "/events/" in path.split("?")[0]:
+            failed.append(path.split("?")[0])
+            return True
+        return False
+
+    def gone(*args):  # the event files start failing when the re-ingest counts what it removes
+        s3_faults.fail_when(fail, status=503)
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_gone", gone)
+    capsys.readouterr()
+    args = ["backfill", "--from", "2024-01-01", "--to", "2024-02-01", "--reingest", "--meters", str(meters)]
+    code = main([*args, "--root", s3_root])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert failed, "the replaced event files were not scanned"
+    assert (code, len(lines)) == (3, 1), lines
+    uri = "s3:/" + urllib.parse.unquote(failed[-1])
+    assert lines[0].startswith(UNAVAILABLE.format(uri=uri)), lines
+
+
 @pytest.mark.parametrize(
     ("command", "status", "expected"),
     [("run", 503, UNAVAILABLE), ("query", 403, DENIED), ("quarantine", 503, UNAVAILABLE)],
