@@ -26,6 +26,7 @@ from transforms.parse import BATCH_SUFFIXES, Parsed, parse_batch, with_raw_text
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import key_runs
 from transforms.validate import DATA_IS_TEXT, END_EVENT_DAY, FIRST_EVENT_DAY, validate
+from transforms.windows import local_date
 
 LANDING = "landing"
 LOCK_TTL = 2 * 3600
@@ -220,7 +221,7 @@ def touched_by(events: pl.DataFrame, billing: Billing) -> dict[str, dict[str, li
         return {}
     per = (
         events.lazy()
-        .select("type", "date", local=pl.col("time").dt.convert_time_zone(billing.timezone).dt.date())
+        .select("type", "date", local=local_date(pl.col("time"), billing.timezone))
         .group_by("type")
         .agg(pl.col("date").unique().sort(), pl.col("local").unique().sort().cast(pl.String))
         .collect()

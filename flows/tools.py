@@ -31,6 +31,7 @@ from transforms.query import EVENT_COLUMNS, Query, QueryError, in_range, make_qu
 from transforms.schema import EVENT, QUARANTINE, conform, empty
 from transforms.tables import collect_tables, exclusions, period_table
 from transforms.validate import END_EVENT_DAY, FIRST_EVENT_DAY, MAX_YEAR, MIN_YEAR, REASONS, validate
+from transforms.windows import local_date
 from transforms.windows import period_table as periods_for_dates
 
 __all__ = [
@@ -604,7 +605,7 @@ def preview(
         stored = state.read_fingerprints(storage) if storage.exists(state.METERS) else None
     current = meterset.fingerprints()
     billing = meterset.billing
-    days = events.select(pl.col("time").dt.convert_time_zone(billing.timezone).dt.date().unique())
+    days = events.select(local_date(pl.col("time"), billing.timezone).unique())
     periods = periods_for_dates(days.to_series().to_list(), billing.period, billing.timezone, billing.anchor_day)
     totals, rows, excluded_parts = [], {}, []
     for meter in meterset.meters:

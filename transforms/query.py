@@ -30,7 +30,7 @@ from meters import Meter, is_iana_zone
 from transforms.aggregate import value_expr
 from transforms.extract import extract
 from transforms.schema import TIME
-from transforms.windows import local_midnight
+from transforms.windows import local_date, local_midnight
 
 WINDOW_SIZES = ("MINUTE", "HOUR", "DAY", "MONTH")
 RESERVED_GROUPS = ("subject",)
@@ -192,7 +192,7 @@ def with_windows(events: pl.DataFrame, q: Query) -> pl.DataFrame:
         every = "1m" if q.window == "MINUTE" else "1h"
         start, end = _wall_clock_window(time, q.tz, every, every)
         return events.with_columns(window_start=start, window_end=end)
-    local = events.with_columns(_local=time.dt.convert_time_zone(q.tz).dt.date())
+    local = events.with_columns(_local=local_date(time, q.tz))
     table = _calendar_table(local["_local"].unique().to_list(), q.window, q.tz)
     return local.join(table, on="_local", how="left").drop("_local")
 

@@ -24,7 +24,19 @@ def hour_start(time: pl.Expr) -> pl.Expr:
 
 
 def local_date(time: pl.Expr, tz: str) -> pl.Expr:
-    return time.dt.convert_time_zone(tz).dt.date()
+    """The billing-zone date of each instant: the day whose first instant (`local_midnights`) it follows last.
+
+    Not simply the date the local clock shows: a fall-back across midnight (00:01 back to 23:01 of the day before,
+    as in Newfoundland, Labrador and New Brunswick 1987-2011) shows the day before again for an hour after the day
+    began, and an event there was counted in that day's period but lay after its window's end."""
+    day = time.dt.convert_time_zone(tz).dt.date()
+    after = day.dt.offset_by("1d")
+    midnight = (
+        after.cast(pl.Datetime("us"))
+        .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+        .dt.convert_time_zone("UTC")
+    )
+    return pl.when(time.cast(pl.Datetime("us", "UTC")) >= midnight).then(after).otherwise(day)
 
 
 def _clamp(year: int, month: int, day: int) -> dt.date:

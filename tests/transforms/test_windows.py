@@ -319,6 +319,11 @@ def test_period_bounds_do_not_depend_on_pythons_zoneinfo(monkeypatch: pytest.Mon
         ("Africa/Dar_es_Salaam", ["1900-12-31T21:30:00Z", "1930-12-31T21:20:00Z"]),
         ("Europe/Berlin", ["2024-03-30T23:00:00Z", "2024-10-26T22:00:00Z"]),
         ("America/Santiago", ["2022-09-11T03:59:59Z", "2022-09-11T04:00:00Z"]),
+        # a fall-back at 00:01 to 23:01 of the day before: midnight occurs twice, and the local date goes back
+        # for an hour after the first one (November 1st, a month's first day, in 2009)
+        ("America/Goose_Bay", ["2009-11-01T03:00:00Z", "2009-11-01T04:00:00Z"]),
+        ("America/Moncton", ["2005-10-30T03:00:00Z", "2005-10-30T04:00:00Z"]),
+        ("America/Creston", ["1944-01-01T06:00:00Z"]),
     ],
 )
 def test_every_event_lies_in_its_period_window(tz: str, instants: list[str], engine: str) -> None:
