@@ -398,6 +398,9 @@ def _refuse_work_pool_deployments(names: list[str]) -> None:
     if not get_current_settings().api.url:
         return
     with get_client(sync_client=True) as client:
+        # A URL that answers but is no Prefect API (another service, no /api) reads every deployment as missing:
+        # checked first, as a flow run is, so that serve fails here (`_prefect_api_unreachable`), not once serving.
+        client.raise_for_api_version_mismatch()
         for name in names:
             try:
                 deployment = client.read_deployment_by_name(name)

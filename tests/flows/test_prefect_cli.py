@@ -165,6 +165,44 @@ def test_unreachable_prefect_api_is_one_line_exit_3(root, capsys, monkeypatch, c
     assert len(err.strip().splitlines()) == 1 and out == "", err
 
 
+@pytest.mark.parametrize("command", [["run", "--prefect"], ["serve"]], ids=["run", "serve"])
+def test_a_prefect_api_url_that_is_no_prefect_api_is_one_line_exit_3(root, capsys, monkeypatch, command) -> None:
+    """PREFECT_API_URL set to a server that answers 404 (another service, or a URL without its /api): one line
+    naming the URL, exit 3, for serve as for run. serve read the deployments (404: none), then went on to serve
+    and ended with 'unexpected PrefectHTTPStatusError: ... 404 Not Found ... /api/flows/', exit 1."""
+    import http.server
+    import threading
+
+    import prefect
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PATCH = do_PUT = do_DELETE = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setattr(prefect, "serve", lambda *a, **kw: pytest.fail("serve must not start serving"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            code = main([*command, "--root", root["root"], "--meters", root["meters"]])
+    finally:
+        server.shutdown()
+        server.server_close()
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    assert err.startswith(f"error: Prefect API at {url} cannot be reached (") and "PREFECT_API_URL" in err, err
+    assert len(err.strip().splitlines()) == 1 and out == "", err
+
+
 def test_lock_held_is_exit_4(root, capsys) -> None:
     storage = local_root(Path(root["root"]).parent)
     state.acquire_lock(storage, "running-elsewhere", 3600)
