@@ -79,10 +79,23 @@ def _plain(node: yaml.Node) -> Any:
     it in place would merge `<<` keys into the node that the checks read next."""
     if isinstance(node, yaml.ScalarNode):
         return yaml.constructor.SafeConstructor().construct_document(node)
-    return yaml.safe_load(yaml.serialize(node))
+    return yaml.load(yaml.serialize(node), Loader=_Merging)  # a SafeLoader: safe types only
 
 
-class _TextKeys(yaml.SafeLoader):
+class _Merging(yaml.SafeLoader):
+    """A SafeLoader whose merge keys (`<<`) resolve as `_mapping` resolves a meter's fields: a key written in the
+    mapping wins over a merged one, the first merged mapping over a later one. PyYAML 6.0.4's own merge tells
+    merged keys apart by the identity of their text, so with `<<: [*a, *b]` a one-letter key (a string CPython
+    shares) came from `a` and a longer one from `b`."""
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if any(key.tag == MERGE for key, _ in node.value):
+            node.value = list(_mapping(node).values())
+        else:
+            super().flatten_mapping(node)
+
+
+class _TextKeys(_Merging):
     """A loader that keeps mapping keys as written: YAML 1.1 reads `on`, `yes`, `off`, `no` as booleans and
     `null` as None, where OpenMeter (YAML 1.2, JSON) has the text; merge keys (`<<`) still merge."""
 

@@ -997,3 +997,30 @@ def test_group_by_keys_in_another_order_are_another_definition() -> None:
 def test_a_refused_path_says_what_to_do_instead() -> None:
     message = only_problem(doc(meter(valueProperty="$..tokens"))).message
     assert message.endswith("recursive descent (..) can match many values; point at exactly one value"), message
+
+
+@pytest.mark.parametrize("key", ["m", "model", "customer_region"])
+def test_group_by_merge_keys_take_the_first_merged_mapping_whatever_the_key(key: str) -> None:
+    """groupBy merges as a meter's fields do: the first merged mapping wins over a later one, the written key over
+    both. PyYAML 6.0.4 tells merged keys apart by the identity of their text, so a one-letter key (a string
+    CPython shares) took the first mapping's path and a longer one (`model`) the second's: the groups billed
+    depended on the key's length."""
+    text = textwrap.dedent(
+        f"""\
+        meters:
+          - slug: m
+            eventType: t
+            aggregation: COUNT
+            groupBy:
+              <<: [{{{key}: $.first, route: $.route}}, {{{key}: $.second, route: $.other, region: $.region}}]
+          - slug: n
+            eventType: t
+            aggregation: COUNT
+            groupBy:
+              <<: [{{{key}: $.first}}, {{{key}: $.second}}]
+              {key}: $.written
+        """
+    )
+    m, n = parse_meters(text).meters
+    assert m.group_paths == {key: "$.first", "route": "$.route", "region": "$.region"}
+    assert n.group_paths == {key: "$.written"}
