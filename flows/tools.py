@@ -404,12 +404,15 @@ def waiting_batches(root: str | Storage) -> pl.DataFrame:
 def newest_event_time(root: str | Storage) -> dt.datetime | None:
     """The greatest event time in the curated store (reads only the newest date partition)."""
     storage = open_storage(root)
-    by_date = pipeline.event_files_by_date(storage)
-    if not by_date:
-        return None
-    newest = by_date[max(by_date)]
-    value = storage.collect(storage.scan_parquet(newest).select(pl.col("time").max())).item()
-    return value
+
+    def build() -> pl.LazyFrame:  # listed again when a file is gone: a re-ingest or a rollback deletes event files
+        by_date = pipeline.event_files_by_date(storage)
+        newest = (
+            storage.scan_parquet(by_date[max(by_date)]) if by_date else pl.LazyFrame(schema={"time": EVENT["time"]})
+        )
+        return newest.select(pl.col("time").max())
+
+    return storage.collect_listed(build).item()
 
 
 def lock_holder(root: str | Storage) -> dict | None:

@@ -469,3 +469,28 @@ meters:
     page = render(storage, meterset(meters), "prompts", "2024-01")
     assert "&lt;b&gt;counted&lt;/b&gt; prompts" in page and "<b>counted</b>" not in page
     assert "period [2024-01-01T00:00:00+01:00,\n2024-02-01T00:00:00+01:00) (MONTH, Europe/Berlin)" in page
+
+
+def test_newest_event_time_while_a_re_ingest_replaces_the_newest_event_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` reads the newest event time outside the run lock; a re-ingest (or a run rolling one back) deletes
+    event files meanwhile. A listed file gone by the time it is read is listed again, as the manifest's and the
+    query's reads are: it ended `meterlake status` with 'unexpected FileNotFoundError', exit 1."""
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl([event("e1", "2024-01-05T10:00:00Z"), event("e2", "2024-01-06T11:30:00Z")]))
+    run(storage, meterset("meters:\n  - {slug: calls, eventType: prompt, aggregation: COUNT}\n"))
+    real = Storage.scan_parquet
+    replaced: list[str] = []
+
+    def scan_parquet(self: Storage, rels: list[str]):  # the re-ingest replaces the files right after the listing
+        if not replaced and rels and all(r.startswith("events/") for r in rels):
+            for rel in rels:
+                self.write_parquet(rel.replace(".parquet", "-new.parquet"), real(self, [rel]).collect())
+            self.delete(rels)
+            replaced.extend(rels)
+        return real(self, rels)
+
+    monkeypatch.setattr(Storage, "scan_parquet", scan_parquet)
+    assert tools.newest_event_time(storage) == dt.datetime(2024, 1, 6, 11, 30, tzinfo=dt.UTC)
+    assert replaced
