@@ -98,15 +98,22 @@ def history_dates(storage: Storage, meters: list[Meter]) -> list[str]:
     return sorted(dates)
 
 
-def unbuilt_meters(storage: Storage, meterset: MeterSet) -> list[str]:
-    """With no events stored, the meters nothing was built of (no table, no day partition or partial state): the
-    run records them as built by their current definition. Not a meter left out of the meters file while a
-    re-ingest emptied events/: its tables and partials of the events gone are still there (stale until rebuilt)."""
-    return [
-        m.slug
-        for m in meterset.meters
-        if not history_dates(storage, [m]) and not recompute.published_period_keys(storage, m.slug)
-    ]
+def unbuilt_meters(storage: Storage, meterset: MeterSet, redo: dict | None = None) -> list[str]:
+    """With no events stored, the meters nothing was built of (no table, no day partition or partial state) beyond
+    what this run rebuilds anyway (`redo`: the days and periods of the crashed runs it rolls back or finishes, by
+    event type): the run records them as built by their current definition. Not a meter left out of the meters
+    file while a re-ingest emptied events/: its tables and partials of the events gone are still there (stale
+    until rebuilt)."""
+    out = []
+    for m in meterset.meters:
+        scope = (redo or {}).get(m.event_type, {})
+        periods = recompute.period_bounds(meterset.billing, scope.get("local_dates", []))["period_start"]
+        if not set(history_dates(storage, [m])) <= set(scope.get("dates", [])):
+            continue
+        if not {k.isoformat() for k in recompute.published_period_keys(storage, m.slug)} <= set(periods.to_list()):
+            continue
+        out.append(m.slug)
+    return out
 
 
 # --- finding and ingesting batches -------------------------------------------------------------------
@@ -421,7 +428,7 @@ def run(
     try:
         redo, stale = runner.step("recover", recover, storage)
         batches = runner.step("find-new-batches", find_new_batches, storage)
-        unbuilt = [] if event_files_by_date(storage) else unbuilt_meters(storage, meterset)
+        unbuilt = [] if event_files_by_date(storage) else unbuilt_meters(storage, meterset, redo)
         result: IngestResult = runner.step("ingest", ingest, storage, run_id, batches, meterset.billing, redo)
         for pending in stale:
             state.clear_pending(storage, pending.run_id)

@@ -319,3 +319,51 @@ def test_a_meter_absent_while_a_crashed_reingest_is_finished_is_stale_when_added
     expected = all_tables(scratch, BOTH)
     assert expected["tokens/period"]["value"].to_list() == [2.0]
     assert not _differs(all_tables(storage, BOTH), expected)
+
+
+TOKENS_OF_CALLS = meterset(
+    """
+meters:
+  - {slug: tokens, eventType: call, aggregation: SUM, valueProperty: $.v}
+  - {slug: prompts, eventType: prompt, aggregation: COUNT}
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("then", "landed", "stale"),
+    [
+        (TOKENS_MAX, True, []),  # the run rebuilds every period the killed one published: current
+        (TOKENS_MAX, False, []),  # its batch left landing/: the periods are emptied, nothing is left to rebuild
+        (TOKENS_OF_CALLS, True, ["tokens"]),  # another event type: the killed run's tables are not rebuilt
+    ],
+    ids=["rebuilt", "batch-gone", "other-event-type"],
+)
+def test_a_first_run_killed_before_its_commit_then_a_changed_meter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: MeterSet, landed: bool, stale: list[str]
+) -> None:
+    """The first run publishes `tokens` and dies before its commit; the meter is changed before the next run, which
+    rolls the killed run back and rebuilds the periods it published (its pending record). Those tables are not a
+    history another definition built: with the same event type the meter is current (it was reported stale, with a
+    backfill to run, since runs on an empty events/ recorded only meters without tables)."""
+    storage = local_root(tmp_path)
+    land(storage, "1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)]), mtime=1_700_000_000)
+    commit = pipeline.state.commit_manifest
+
+    def killed(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.state, "commit_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(storage, BOTH, log=lambda _: None, lock_ttl=0)
+    monkeypatch.setattr(pipeline.state, "commit_manifest", commit)
+    assert storage.list_files("usage/tokens/period")
+    if not landed:
+        storage.delete(["landing/1.jsonl"])
+    assert run(storage, then)["stale_meters"] == stale
+    if not stale:
+        scratch = local_root(tmp_path, "scratch")
+        if landed:
+            land(scratch, "1.jsonl", jsonl([_ev(1, 3), _ev(2, 4)]), mtime=1_700_000_000)
+        run(scratch, then)
+        assert not _differs(all_tables(storage, then), all_tables(scratch, then))
