@@ -447,6 +447,7 @@ def status(root: str | Storage, meters: str | os.PathLike | MeterSet | None = No
     meterset = load(meters) if meters is not None else None
     stored = state.read_fingerprints(storage)
     has_events = bool(storage.list_files(pipeline.EVENTS, (".parquet",))[:1])
+    meters_by_slug = {m.slug: m for m in meterset.meters} if meterset is not None else {}
     if meterset is not None:
         current = meterset.fingerprints()
         entries = [(m.slug, m.aggregation, m.event_type, current[m.slug]) for m in meterset.meters]
@@ -460,9 +461,12 @@ def status(root: str | Storage, meters: str | os.PathLike | MeterSet | None = No
             definition, stale = None, None
         else:
             definition = "new" if slug not in stored else ("unchanged" if stored[slug] == fp else "changed")
-            # stale when it has a history another definition built: stored events, or tables left from events
-            # a re-ingest took away (while the meter was out of the meters file)
-            stale = definition != "unchanged" and (has_events or bool(periods or days))
+            # stale when it has a history another definition built: stored events, or tables, day partials or
+            # excluded values left from events a re-ingest took away (while the meter was out of the meters file),
+            # as a run decides (`pipeline.unbuilt_meters`)
+            stale = definition != "unchanged" and (
+                has_events or bool(periods or days) or bool(pipeline.history_dates(storage, [meters_by_slug[slug]]))
+            )
         rows.append(
             {
                 "slug": slug,

@@ -67,3 +67,31 @@ def test_a_meter_added_back_over_tables_of_gone_events_is_stale_with_events_empt
     )
     assert not storage.list_files("usage/tokens_total")
     assert not tools.status(storage, meterset(BEFORE))["stale"].any()
+
+
+def test_a_meter_added_back_over_excluded_values_of_gone_events_is_stale_in_status_as_in_a_run(
+    tmp_path: Path,
+) -> None:
+    """`tokens_total` excluded its only event (a bad value: no table row, but day partials and an excluded-value
+    record) and was left out of the meters file while a re-ingest took that event away. Added back, the next run
+    reports it stale (its partials are a history, `pipeline.unbuilt_meters`); `status` said not stale, so the
+    excluded value of the gone event stayed in quarantine with no backfill shown."""
+    from flows import tools
+
+    storage = local_root(tmp_path)
+    land(storage, "a.jsonl", jsonl([event("1", "2024-01-05T00:00:00Z", data={"tokens": "abc"})]))
+    run(storage, meterset(BEFORE))
+    assert not storage.list_files("usage/tokens_total")
+    storage.delete(["landing/a.jsonl"])
+    only_prompts = meterset("meters:\n  - {slug: prompts, eventType: prompt, aggregation: COUNT}\n")
+    pipeline.backfill(
+        storage, only_prompts, dt.date(2024, 1, 1), dt.date(2024, 2, 1), reingest_landing=True, log=lambda _: None
+    )
+    status = tools.status(storage, meterset(BEFORE))
+    assert dict(zip(status["slug"], status["stale"], strict=True)) == {"tokens_total": True, "prompts": False}
+    assert tools.quarantine(storage, meter="tokens_total").height == 1
+    pipeline.backfill(
+        storage, meterset(BEFORE), dt.date(2024, 1, 5), dt.date(2024, 1, 6), slugs=["tokens_total"], log=lambda _: None
+    )
+    assert not tools.status(storage, meterset(BEFORE))["stale"].any()
+    assert tools.quarantine(storage, meter="tokens_total").is_empty()
