@@ -9,7 +9,16 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from transforms.schema import WINDOW
-from transforms.windows import hour_start, local_date, local_midnight, period_dates, period_table, periods_between
+from transforms.windows import (
+    falls_back_across_midnight,
+    hour_start,
+    local_date,
+    local_midnight,
+    local_midnights,
+    period_dates,
+    period_table,
+    periods_between,
+)
 
 UTC = dt.UTC
 D = dt.date
@@ -343,3 +352,43 @@ def test_a_local_midnight_past_pythons_dates_is_an_overflow(day: dt.date, tz: st
     """Callers (query bounds) turn an OverflowError into 'outside the years event times can hold'."""
     with pytest.raises(OverflowError):
         local_midnight(day, tz)
+
+
+@pytest.mark.parametrize(
+    "tz, crosses",
+    [
+        ("America/St_Johns", True),  # 00:01 back to 23:01, 1987-2011
+        ("America/Goose_Bay", True),
+        ("US/Alaska", True),  # 1867: the date line moved
+        ("Europe/Berlin", False),
+        ("America/Havana", False),  # 01:00 back to 00:00: the repeated hour keeps its date
+        ("Asia/Tokyo", False),
+        ("UTC", False),
+    ],
+)
+def test_the_zones_whose_clock_went_back_across_midnight(tz: str, crosses: bool) -> None:
+    assert falls_back_across_midnight(tz) is crosses
+
+
+@pytest.mark.parametrize(
+    "tz", ["Europe/Berlin", "America/Havana", "America/Santiago", "Asia/Tokyo", "Australia/Lord_Howe"]
+)
+def test_the_clock_date_is_the_billing_date_where_the_clock_never_went_back_across_midnight(tz: str) -> None:
+    """The fast path (the date the clock shows) agrees with the first instants of the days, minute by minute for
+    three hours around each of the zone's changes of offset from 1900 to 2030."""
+    hours = pl.DataFrame(
+        {"time": pl.datetime_range(dt.datetime(1900, 1, 1), dt.datetime(2030, 1, 1), "1h", time_zone="UTC", eager=True)}
+    )
+    local = pl.col("time").dt.convert_time_zone(tz).dt.replace_time_zone(None)
+    offset = local - pl.col("time").dt.replace_time_zone(None)
+    changes = hours.filter(offset != offset.shift(1))["time"].to_list()[1:]
+    assert changes, tz
+    minutes = pl.concat(
+        pl.datetime_range(c - dt.timedelta(hours=3), c + dt.timedelta(hours=3), "1m", time_zone="UTC", eager=True)
+        for c in changes
+    )
+    frame = pl.DataFrame({"time": minutes}).with_columns(day=local_date(pl.col("time"), tz))
+    days = frame["day"].unique().to_list()
+    starts = local_midnights(days + [d + dt.timedelta(days=1) for d in days], tz)
+    for t, d in frame.iter_rows():
+        assert starts[d] <= t < starts[d + dt.timedelta(days=1)], (t, d)
