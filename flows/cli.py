@@ -1,9 +1,9 @@
 """The `meterlake` command line. User mistakes end in one clear line and a non-zero exit, never a traceback.
 
 Exit codes: 0 ok; 1 unexpected failure; 2 a user mistake (bad meters file, date, meter name, option, root);
-3 storage (or the Dask scheduler, or the Prefect API of PREFECT_API_URL) unreachable or refused; 4 another run holds the lock, or its file is damaged;
-130 and 143 stopped by Ctrl-C and SIGTERM (`serve`, once serving, stops cleanly with 0); 141 standard output closed
-by its reader (`| head`), quietly.
+3 storage (or the Dask scheduler, or the Prefect API of PREFECT_API_URL) unreachable or refused; 4 another run
+holds the lock, or its file is damaged; 130 and 143 stopped by Ctrl-C and SIGTERM (`serve`, once serving, stops
+cleanly with 0); 141 standard output closed by its reader (`| head`), quietly.
 """
 
 from __future__ import annotations

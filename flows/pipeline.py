@@ -437,7 +437,6 @@ def run(
         fingerprints = update_fingerprints(
             storage,
             meterset,
-            first_run=False,
             rebuilt=unbuilt,
             recomputed=recomputing,
             # a crashed run or re-ingest finished or rolled back changes events/ too (its tables were not rebuilt)
@@ -516,7 +515,6 @@ MIXED = "mixed"  # a stored fingerprint no definition has: tables built partly b
 def update_fingerprints(
     storage: Storage,
     meterset: MeterSet,
-    first_run: bool,
     rebuilt: list[str] | None = None,
     recomputed: set[str] | None = None,
     events_changed: bool = False,
@@ -537,7 +535,7 @@ def update_fingerprints(
     for slug, fp in current.items():
         if stored.get(slug) == fp:
             continue
-        if first_run or (rebuilt is not None and slug in rebuilt):
+        if rebuilt is not None and slug in rebuilt:
             stored[slug] = fp
             changed = True
         elif slug in stored and (slug in (recomputed or ()) or events_changed) and stored[slug] != MIXED:
@@ -747,7 +745,7 @@ def backfill(
         # the meters it moves recorded as rebuilt by mixed definitions, and absent meters' records dropped.
         recomputing = {m.slug for m in selected.meters} | {m.slug for m in meterset.meters if m.event_type in redo}
         changed = reingest_landing or bool(stale)  # as in `run`: a recovered run changes events/ as well
-        update_fingerprints(storage, meterset, first_run=False, recomputed=recomputing, events_changed=changed)
+        update_fingerprints(storage, meterset, recomputed=recomputing, events_changed=changed)
         result = IngestResult()
         if reingest_landing:
             result = runner.step("reingest", reingest, storage, run_id, meterset, start, end)
@@ -772,9 +770,7 @@ def backfill(
         state.refresh_lock(storage, run_id, lock_ttl)  # still ours (LockKeeper), before the definitions are recorded
         all_dates = history_dates(storage, list(selected.meters))
         covers_all = not all_dates or (all_dates[0] >= start.isoformat() and all_dates[-1] < end.isoformat())
-        fps = update_fingerprints(
-            storage, meterset, first_run=False, rebuilt=[m.slug for m in selected.meters] if covers_all else []
-        )
+        fps = update_fingerprints(storage, meterset, rebuilt=[m.slug for m in selected.meters] if covers_all else [])
         state.clear_pending(storage, run_id)
         out = _summary(run_id, "backfill", result, summary, started, fps)
         out["stale_periods"] = stale_periods(storage, fps)
