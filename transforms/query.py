@@ -30,7 +30,7 @@ from meters import Meter, is_iana_zone
 from transforms.aggregate import value_expr
 from transforms.extract import extract
 from transforms.schema import TIME
-from transforms.windows import local_date, local_midnight
+from transforms.windows import local_date, local_midnight, local_midnights
 
 WINDOW_SIZES = ("MINUTE", "HOUR", "DAY", "MONTH")
 RESERVED_GROUPS = ("subject",)
@@ -169,14 +169,18 @@ def _wall_clock_window(time: pl.Expr, tz: str, every: str, length: str) -> tuple
 
 def _calendar_table(days: list[dt.date], size: str, tz: str) -> pl.DataFrame:
     """Local date → [local midnight of its day or month, the next one), as UTC instants."""
-    rows = []
+    bounds = {}
     for day in sorted(set(days)):
         if size == "DAY":
-            first, after = day, day + dt.timedelta(days=1)
+            bounds[day] = day, day + dt.timedelta(days=1)
         else:
             first = day.replace(day=1)
-            after = (first + dt.timedelta(days=32)).replace(day=1)
-        rows.append({"_local": day, "window_start": local_midnight(first, tz), "window_end": local_midnight(after, tz)})
+            bounds[day] = first, (first + dt.timedelta(days=32)).replace(day=1)
+    midnight = local_midnights([d for pair in bounds.values() for d in pair], tz)  # one Polars call for all
+    rows = [
+        {"_local": day, "window_start": midnight[first], "window_end": midnight[after]}
+        for day, (first, after) in bounds.items()
+    ]
     schema = {"_local": pl.Date, "window_start": pl.Datetime("us", "UTC"), "window_end": pl.Datetime("us", "UTC")}
     return pl.DataFrame(rows, schema=schema)
 

@@ -85,8 +85,10 @@ def period_dates(day: dt.date, period: str, anchor_day: int = 1) -> tuple[dt.dat
     return start, _clamp(y, m, anchor_day)
 
 
+@functools.lru_cache(maxsize=65536)
 def local_midnight(day: dt.date, tz: str) -> dt.datetime:
-    """The first instant of a local day, in UTC (see `local_midnights`)."""
+    """The first instant of a local day, in UTC (see `local_midnights`). Cached: one Polars call costs ~0.5 ms, and
+    callers look up the same few period bounds for every date they plan (zoneinfo took ~1 µs)."""
     return local_midnights([day], tz)[day]
 
 
