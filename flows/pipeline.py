@@ -107,9 +107,9 @@ def unbuilt_meters(storage: Storage, meterset: MeterSet, redo: dict | None = Non
     out = []
     for m in meterset.meters:
         scope = (redo or {}).get(m.event_type, {})
-        periods = recompute.period_bounds(meterset.billing, scope.get("local_dates", []))["period_start"]
         if not set(history_dates(storage, [m])) <= set(scope.get("dates", [])):
             continue
+        periods = recompute.period_bounds(meterset.billing, scope.get("local_dates", []))["period_start"]
         if not {k.isoformat() for k in recompute.published_period_keys(storage, m.slug)} <= set(periods.to_list()):
             continue
         out.append(m.slug)

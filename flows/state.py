@@ -9,6 +9,7 @@ Commit protocol of a run (see docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -135,7 +136,8 @@ def write_pending(storage: Storage, pending: Pending) -> None:
 def read_pendings(storage: Storage) -> list[Pending]:
     out = []
     for f in storage.list_files(PENDING, (".json",)):
-        out.append(Pending(**storage.read_json(f.path)))
+        with contextlib.suppress(FileNotFoundError):  # cleared since the listing (a reader outside the lock)
+            out.append(Pending(**storage.read_json(f.path)))
     return out
 
 

@@ -10,7 +10,6 @@ frames. Nothing here starts Prefect, and nothing here writes to storage. Every u
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import re
@@ -168,11 +167,7 @@ def _visible_event_files(storage: Storage) -> dict[str, list[str]] | None:
     a re-ingest committed after the listing, which may lack its new files."""
     by_date = pipeline.event_files_by_date(storage)
     listed = {p for paths in by_date.values() for p in paths}
-    pendings = []
-    for f in storage.list_files(state.PENDING, (".json",)):
-        with contextlib.suppress(FileNotFoundError):  # cleared since the listing
-            pendings.append(state.Pending(**storage.read_json(f.path)))
-    replacing = [p for p in pendings if p.deletes]
+    replacing = [p for p in state.read_pendings(storage) if p.deletes]
     if not replacing:  # a run's own uncommitted files hold only events the store did not have
         return by_date
     committed = state.committed_runs(storage)
