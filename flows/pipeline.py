@@ -280,12 +280,13 @@ def ingest(
         if pending.run_id == run_id:  # a retried attempt: undo the partial one first
             storage.delete(pending.files)
     known = set(state.read_manifest(storage)["batch"].to_list())
-    total = IngestResult(batches=len(batches), touched=merge_touched({}, redo))
+    total = IngestResult(touched=merge_touched({}, redo))
     reasons: Counter[str] = Counter()
     state.write_pending(storage, state.Pending(run_id=run_id, touched=total.touched))
     for index, chunk in enumerate(chunk_batches(batches, chunk_bytes or CHUNK_BYTES)):
         part = _ingest_chunk(storage, f"{run_id}-{index:04d}", run_id, chunk, known, billing, total, reasons)
         total.manifest_rows.extend({**r, "run_id": run_id} for r in part)
+        total.batches += len(part)  # the batches read: one deleted since the listing is not among them
     total.quarantined = dict(sorted(reasons.items()))
     return total
 
@@ -682,7 +683,7 @@ def reingest(storage: Storage, run_id: str, meterset: MeterSet, start: dt.date, 
     storage.delete(old)
     reasons = Counter(quarantine.filter(pl.col("reason") != "duplicate")["reason"].to_list())
     return IngestResult(
-        batches=len(batches),
+        batches=len(rows),
         records=records_read(new, quarantine),
         valid=new.height,
         # the dropped copies a run would count: those of the range, and all of the batches no run had read

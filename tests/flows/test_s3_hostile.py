@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+import json
 import logging
 import urllib.parse
 
+import polars as pl
 import pytest
 
 import flows.storage as storage_module
@@ -25,7 +28,7 @@ from flows.storage import RetryPolicy, Storage
 
 import fixtures_s3
 from fixtures_s3 import FaultProxy
-from support import all_tables, event, jsonl, land, meterset
+from support import all_tables, event, jsonl, land, meterset, parquet_bytes
 
 pytestmark = pytest.mark.s3
 
@@ -84,7 +87,7 @@ def test_a_batch_deleted_between_listing_and_reading_is_skipped(
         )
     else:
         summary = run(storage)
-    assert summary["events_stored"] == 1
+    assert (summary["events_stored"], summary["batches"]) == (1, 1)  # b.jsonl was not read
     assert "landing/b.jsonl was listed but is gone" in caplog.text
     assert tokens(storage) == 10  # b.jsonl is no longer landed: a from-scratch computation has only a.jsonl
     if reingest:
@@ -94,6 +97,31 @@ def test_a_batch_deleted_between_listing_and_reading_is_skipped(
     land(storage, "b.jsonl", jsonl([prompt(2, 5)]))  # landed again: read by the next run
     assert run(storage)["events_stored"] == 1
     assert tokens(storage) == 15
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("name", ["a.jsonl", "a.parquet"])
+def test_an_object_uploaded_with_content_encoding_gzip_is_read(s3_root: str, s3_env: str, name: str) -> None:
+    """`aws s3 cp --content-encoding gzip`: S3 stores the compressed bytes under the plain name and serves them
+    as they are. A Parquet batch was unreadable; a JSONL one was read by Polars (which decompresses), but a
+    rejected line was quoted from the compressed bytes, and one line that is not JSON made every line
+    malformed_json."""
+    events = [prompt(1, 10), prompt(2, 5), {**prompt(3, 1), "subject": ""}]
+    if name.endswith(".jsonl"):
+        body = jsonl(events) + b"not json\n"
+        rejected = {("missing_subject", 3, json.dumps(events[2])), ("malformed_json", 4, "not json")}
+    else:
+        body, rejected = parquet_bytes(pl.DataFrame(events)), {("missing_subject", 3, "p3")}
+    bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
+    fixtures_s3.s3_client(s3_env).put_object(
+        Bucket=bucket, Key=f"{prefix}/landing/{name}", Body=gzip.compress(body), ContentEncoding="gzip"
+    )
+    storage = Storage(s3_root)
+    assert run(storage)["events_stored"] == 2
+    assert tokens(storage) == 15
+    quarantine = storage.read_parquet([f.path for f in storage.list_files("quarantine/records", (".parquet",))])
+    quoted = pl.col("raw") if name.endswith(".jsonl") else pl.col("event_id")  # a Parquet row has no text of its own
+    assert set(quarantine.select("reason", "line", quoted).rows()) == rejected
 
 
 @pytest.mark.parametrize("same_range", [True, False], ids=["its-dates", "other-dates"])
