@@ -95,15 +95,22 @@ class Parsed:
     data_is_text: bool = True
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def parse_batch(raw: bytes, name: str) -> Parsed:
+    """A batch by its name; gzip bytes under any name are decompressed first. An object uploaded with
+    `Content-Encoding: gzip` (`aws s3 cp --content-encoding gzip`, or a producer that compresses its request) keeps
+    its `.jsonl` or `.parquet` name and reaches us compressed: neither JSON text nor Parquet (`PAR1`) can start
+    with these two bytes, so reading them as gzip loses nothing."""
     lower = name.lower()
-    if lower.endswith(PARQUET_SUFFIXES):
-        return parse_parquet(raw)
-    if lower.endswith(".gz"):
+    if lower.endswith(".gz") or raw.startswith(GZIP_MAGIC):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            return _unreadable(f"bad gzip: {exc}", "jsonl")
+            return _unreadable(f"bad gzip: {exc}", "parquet" if lower.endswith(PARQUET_SUFFIXES) else "jsonl")
+    if lower.endswith(PARQUET_SUFFIXES):
+        return parse_parquet(raw)
     return parse_jsonl(raw)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import io
 import json
 
 import polars as pl
@@ -352,6 +353,31 @@ def test_gzip_jsonl_is_decompressed() -> None:
     assert parsed.unreadable is None
     assert ids_and_lines(parsed.records) == [("1", 1), ("2", 3)]
     assert parsed.malformed.select("line", "raw").rows() == [(4, "nope")]
+
+
+@pytest.mark.parametrize("name", ["batch.jsonl", "batch.ndjson", "batch.JSONL"])
+def test_gzip_bytes_under_a_plain_jsonl_name_are_decompressed(name: str) -> None:
+    """An object uploaded with `Content-Encoding: gzip` keeps its .jsonl name and reaches us compressed: it was
+    quarantined line by line as malformed_json."""
+    parsed = parse_batch(gzip.compress(jsonl(line(1), "nope")), name)
+    assert parsed.unreadable is None and parsed.kind == "jsonl"
+    assert ids_and_lines(parsed.records) == [("1", 1)]
+    assert parsed.malformed.select("line", "raw").rows() == [(2, "nope")]
+
+
+def test_gzip_bytes_under_a_parquet_name_are_decompressed() -> None:
+    buf = io.BytesIO()
+    pl.DataFrame([event(1), event(2)]).write_parquet(buf)
+    parsed = parse_batch(gzip.compress(buf.getvalue()), "batch.parquet")
+    assert parsed.unreadable is None and parsed.kind == "parquet"
+    assert parsed.records["id"].to_list() == ["1", "2"]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("batch.jsonl", "jsonl"), ("batch.parquet", "parquet")])
+def test_truncated_gzip_under_a_plain_name_is_unreadable(name: str, kind: str) -> None:
+    good = gzip.compress(jsonl(*(line(i) for i in range(200))))
+    parsed = parse_batch(good[: len(good) // 2], name)
+    assert parsed.unreadable is not None and parsed.unreadable.startswith("bad gzip") and parsed.kind == kind
 
 
 @pytest.mark.parametrize("name", ["batch.jsonl.gz", "batch.NDJSON.GZ"])
