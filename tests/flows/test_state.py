@@ -261,7 +261,9 @@ def test_a_run_longer_than_its_lock_ttl_keeps_the_lock(tmp_path: Path, monkeypat
     slow_step, seen = getattr(module, name), []
 
     def slow(*args):
-        time.sleep(1.5)  # the TTL below, 0.4 s, three times over
+        # the TTL below, 1.2 s, three times over; the keeper refreshes every 0.3 s, so only a stall of over a
+        # second on a loaded machine could let the lock expire (with a TTL of 0.4 s, 0.3 s was enough)
+        time.sleep(3.6)
         try:
             state.acquire_lock(storage, "another-run", 60)
             seen.append("taken over")
@@ -271,9 +273,9 @@ def test_a_run_longer_than_its_lock_ttl_keeps_the_lock(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(module, name, slow)
     if op == "run":
-        pipeline.run(storage, meters, log=lambda _: None, lock_ttl=0.4)
+        pipeline.run(storage, meters, log=lambda _: None, lock_ttl=1.2)
     else:
-        pipeline.backfill(storage, meters, dt.date(2024, 1, 1), dt.date(2024, 2, 1), log=lambda _: None, lock_ttl=0.4)
+        pipeline.backfill(storage, meters, dt.date(2024, 1, 1), dt.date(2024, 2, 1), log=lambda _: None, lock_ttl=1.2)
     assert seen == ["held"]
     assert not storage.exists(state.LOCK)  # released, and no refresh in flight brought it back
     time.sleep(0.3)
