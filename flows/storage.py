@@ -314,6 +314,7 @@ class Storage:
 
         self.fs.connect()
         fs = self._s3fs(session=self.fs.session, read_timeout=PROBE_READ_TIMEOUT)
+        sync(fs.loop, fs.set_session)  # the client, built without a request: the deadline is for the network only
         try:
             return sync(fs.loop, fs._call_s3, method, timeout=PROBE_DEADLINE, **kwargs)
         except Exception as exc:
