@@ -31,6 +31,7 @@ import random
 import re
 import socket
 import ssl
+import stat
 import time
 import urllib.parse
 import uuid
@@ -531,8 +532,7 @@ class Storage:
         files = self._list_s3(prefix, start_after) if self.is_s3 else self._list_local(prefix, start_after)
         out = []
         for info in files:
-            below = info.path[len(prefix) :].lstrip("/") if prefix else info.path
-            if any(part.startswith(HIDDEN) for part in below.split("/")):
+            if _hidden(info.path, prefix):
                 continue
             if suffixes and not info.path.lower().endswith(suffixes):
                 continue
@@ -558,29 +558,68 @@ class Storage:
 
     def _list_local(self, prefix: str, start_after: str | None) -> Iterator[FileInfo]:
         top = self.path(prefix)
+        real_top = os.path.realpath(top)
         # Linked folders are followed (a producer's folder linked into landing/ holds batches like any other), each
         # folder once: a link into the root (a sibling, a folder above, events/) or to a folder already listed
         # would list the same batches under a second path (the manifest, keyed by path, reads them again) or,
-        # between two folders linked to each other, forever.
-        inside = [os.path.realpath(self.base), os.path.realpath(top)]
-        seen = {os.path.realpath(top)}
+        # between two folders linked to each other, forever. Linked files are listed once too (`_linked_files`).
+        inside = [os.path.realpath(self.base), real_top]
+        seen = {real_top}
+        listed: dict[str, str] = {}  # real path -> listed path, of every file reached that is no link
+        links: list[tuple[str, str]] = []  # (listed path, path) of the links to files, decided after the walk
         for folder, dirs, names in os.walk(top, followlinks=True):
             rel_folder = self._rel(folder) if folder != self.base else ""
+            real_folder = os.path.realpath(folder)
             dirs[:] = [d for d in sorted(dirs) if _first_visit(os.path.join(folder, d), inside, seen)]
             if start_after:  # prune folders whose every path sorts before start_after
                 dirs[:] = [d for d in dirs if not _all_before(_join(rel_folder, d) + "/", start_after)]
             for name in names:
                 rel = _join(rel_folder, name)
-                if start_after and rel <= start_after:
-                    continue
                 full = os.path.join(folder, name)
                 try:
-                    st = os.stat(full)
-                except FileNotFoundError:  # deleted while we walked, or a link to nothing
-                    if os.path.islink(full):  # never silently: its producer meant it to be read
-                        log.warning("%s is a link to %s, which does not exist: skipped", rel, os.readlink(full))
+                    st = os.lstat(full)  # a file's own size and time: the one call a file that is no link costs
+                except FileNotFoundError:  # deleted while we walked
                     continue
-                yield FileInfo(rel, st.st_size, st.st_mtime)
+                if stat.S_ISLNK(st.st_mode):
+                    links.append((rel, full))
+                    continue
+                if not _hidden(rel, prefix):
+                    listed.setdefault(os.path.join(real_folder, name), rel)
+                if not (start_after and rel <= start_after):
+                    yield FileInfo(rel, st.st_size, st.st_mtime)
+        for info in self._linked_files(prefix, real_top, links, listed):
+            if not (start_after and info.path <= start_after):
+                yield info
+
+    def _linked_files(
+        self, prefix: str, real_top: str, links: list[tuple[str, str]], listed: dict[str, str]
+    ) -> Iterator[FileInfo]:
+        """The links to files among the listing's `links`, each file once: a link to a file the listing reaches
+        anyway is skipped with a warning naming both, since the manifest, keyed by path, would read its batch a
+        second time (its events then quarantined as duplicates). Reached anyway: under its own path in the listed
+        tree (`landing/latest.jsonl` -> `2024/01/a.jsonl`), in a linked folder, or through another link that sorts
+        first (two links to one file outside landing/). Any other link to a file, inside the root or outside it,
+        is listed under its own path: it is the only way its batch is reached."""
+        for rel, full in sorted(links):
+            if _hidden(rel, prefix):  # never listed: nothing to decide
+                continue
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:  # never silently: its producer meant it to be read
+                log.warning("%s is a link to %s, which does not exist: skipped", rel, os.readlink(full))
+                continue
+            real = os.path.realpath(full)
+            reached = listed.get(real)
+            if _is_within(real, real_top):  # listed under its own path, unless hidden (even past start_after)
+                below = os.path.relpath(real, real_top).replace(os.sep, "/")
+                reached = None if _hidden(below, "") else _join(prefix.rstrip("/"), below)
+            if reached is not None:
+                log.warning(
+                    "%s is a link to the file listed as %s: skipped, so that its batch is read once", rel, reached
+                )
+                continue
+            listed[real] = rel
+            yield FileInfo(rel, st.st_size, st.st_mtime)
 
     def list_dirs(self, prefix: str) -> list[str]:
         """Names of the immediate sub-folders of `prefix` (partition values), hidden names skipped."""
@@ -765,6 +804,12 @@ class Storage:
 # --- helpers ---------------------------------------------------------------------------------------
 def _join(folder: str, name: str) -> str:
     return f"{folder}/{name}" if folder else name
+
+
+def _hidden(path: str, prefix: str) -> bool:
+    """Whether a listing of `prefix` skips `path`: a name below `prefix` starting with `.` or `_`."""
+    below = path[len(prefix) :].lstrip("/") if prefix else path
+    return any(part.startswith(HIDDEN) for part in below.split("/"))
 
 
 def _first_visit(path: str, inside: list[str], seen: set[str]) -> bool:

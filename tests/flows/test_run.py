@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from polars.testing import assert_frame_equal
 
 from flows import pipeline
 from flows.storage import Storage
@@ -436,6 +437,43 @@ def test_files_with_unknown_suffixes_are_reported_not_silently_skipped(
         batches = pipeline.find_new_batches(storage)
     assert [b.path for b in batches] == ["landing/ok.jsonl"]
     assert "landing/wrong.json" in caplog.text and "does not read" in caplog.text
+
+
+def test_a_linked_file_is_read_once_and_the_totals_are_those_without_the_link(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link to a batch (landing/latest.jsonl -> 2024/01/a.jsonl, two links to one file outside landing/) made the
+    run read the batch under both paths: counted once, but every event of the second read quarantined as a
+    duplicate and the summary counting it twice. The run must be the run without the links."""
+    a = jsonl([event(str(i), f"2024-01-31T2{i}:30:00Z", data={"tokens": i + 1, "model": "m"}) for i in range(4)])
+    x = jsonl([event(f"x{i}", "2024-02-01T10:00:00Z", data={"tokens": 10 * i, "model": "n"}) for i in range(3)])
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes(x)
+    plain, linked = local_root(tmp_path, "plain"), local_root(tmp_path, "linked")
+    for storage in (plain, linked):
+        land(storage, "2024/01/a.jsonl", a)
+    land(plain, "p1.jsonl", x)
+    os.symlink("2024/01/a.jsonl", linked.path("landing/latest.jsonl"))
+    os.symlink(outside, linked.path("landing/p1.jsonl"))
+    os.symlink(outside, linked.path("landing/p2.jsonl"))
+    counts = {"batches": 2, "events_read": 7, "duplicates_dropped": 0, "events_stored": 7, "quarantined_total": 0}
+    expected = quiet_run(plain)
+    with caplog.at_level("WARNING", logger="meterlake.storage"):
+        summary = quiet_run(linked)
+    assert {k: expected[k] for k in counts} == counts
+    assert {k: summary[k] for k in counts} == counts
+    assert quarantine(linked).height == 0
+    for meter in ("tokens_total", "prompts"):
+        for kind in ("period", "hourly"):
+            assert_frame_equal(table(linked, meter, kind), table(plain, meter, kind))
+    assert [r.getMessage() for r in caplog.records] == [
+        "landing/latest.jsonl is a link to the file listed as landing/2024/01/a.jsonl: skipped, so that its batch is "
+        "read once",
+        "landing/p2.jsonl is a link to the file listed as landing/p1.jsonl: skipped, so that its batch is read once",
+    ]
+    # and a link made after its target was read is no new batch
+    os.symlink("a.jsonl", linked.path("landing/2024/01/b.jsonl"))
+    assert quiet_run(linked)["batches"] == 0
 
 
 def test_a_root_with_nothing_landed_and_no_history_is_reported(

@@ -123,6 +123,51 @@ def test_list_files_reads_each_folder_once_whatever_links_reach_it(tmp_path) -> 
     assert [f.path for f in files] == ["landing/a/1.jsonl", "landing/b/2.jsonl", "landing/p1/x.jsonl"]
 
 
+def test_list_files_lists_each_linked_file_once(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    # A link to a file (landing/latest.jsonl -> 2024/01/a.jsonl, or two links to one file outside landing/) listed
+    # its batch under a second path, which the manifest (keyed by path) took for a new batch: every event read again,
+    # quarantined as a duplicate. As for folders, a file the listing reaches anyway is listed once; a link that is
+    # the only way to a file (outside landing/, or hidden in it) is listed under its own path.
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    (one / "x.jsonl").write_bytes(b"{}\n")
+    (two / "z.jsonl").write_bytes(b"{}\n")
+    root = tmp_path / "root"
+    landing = root / "landing"
+    for folder in ("landing/2024/01", "landing/_archive", "exports"):
+        (root / folder).mkdir(parents=True)
+    (landing / "2024" / "01" / "a.jsonl").write_bytes(b"{}\n")
+    (landing / "_archive" / "old.jsonl").write_bytes(b"{}\n")
+    (root / "exports" / "e.jsonl").write_bytes(b"{}\n")
+    (landing / "2024" / "01" / "b.jsonl").symlink_to("a.jsonl")  # a sibling, by a relative link
+    (landing / "latest.jsonl").symlink_to(landing / "2024" / "01" / "a.jsonl")
+    (landing / "p1.jsonl").symlink_to(one / "x.jsonl")
+    (landing / "p2.jsonl").symlink_to(one / "x.jsonl")  # the same outside file again
+    (landing / "linked").symlink_to(two)
+    (landing / "z.jsonl").symlink_to(two / "z.jsonl")  # reached through the linked folder too
+    (landing / "old.jsonl").symlink_to(landing / "_archive" / "old.jsonl")  # hidden under its own path
+    (landing / "e.jsonl").symlink_to(root / "exports" / "e.jsonl")  # in the root, outside landing/
+    with caplog.at_level(logging.WARNING, logger="meterlake.storage"):
+        files = Storage(str(root)).list_files("landing", (".jsonl",))
+    assert [f.path for f in files] == [
+        "landing/2024/01/a.jsonl",
+        "landing/e.jsonl",
+        "landing/linked/z.jsonl",
+        "landing/old.jsonl",
+        "landing/p1.jsonl",
+    ]
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"landing/{link} is a link to the file listed as landing/{listed}: skipped, so that its batch is read once"
+        for link, listed in [
+            ("2024/01/b.jsonl", "2024/01/a.jsonl"),
+            ("latest.jsonl", "2024/01/a.jsonl"),
+            ("p2.jsonl", "p1.jsonl"),
+            ("z.jsonl", "linked/z.jsonl"),
+        ]
+    ]
+
+
 def test_list_files_warns_about_a_link_to_nothing(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     (root / "landing").mkdir(parents=True)
