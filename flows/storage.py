@@ -12,8 +12,8 @@ Nothing else in meterlake touches paths, files or S3 clients; everything goes th
   by default), in their two option dialects.
 - S3 requests that failed for a transient reason (5xx, throttling, timeouts, refused connections) are
   retried with backoff; every operation retried here is idempotent (GET, LIST, HEAD, PUT, DELETE).
-  Errors a user must fix (missing bucket, rejected credentials, access denied) become one-line
-  `StorageError`s. Secrets never appear in reprs, logs or messages.
+  Errors a user must fix (missing bucket, rejected credentials, access denied, any other 4xx answer, which the
+  same request would get again) become one-line `StorageError`s. Secrets never appear in reprs, logs or messages.
 
 See docs/storage.md for the reader's side and for how producers should name landed batches.
 """
@@ -377,6 +377,8 @@ class Storage:
         waiting: one line at once instead of ~20 s of retries (and `Storage._probe` fails one that connects but does
         not answer). Any other request retries it, as every other transient failure: a scheduled run must not fail
         because the endpoint restarted as it began.
+        Any other 4xx answer (InvalidRequest, InvalidArgument, EntityTooLarge, a 405 or 411...) is one line too,
+        naming the operation, the object and S3's code and message: the same request would be refused again.
         FileNotFoundError and FileExistsError pass through unchanged: callers rely on them.
         """
         attempt = 1
@@ -387,6 +389,8 @@ class Storage:
                 raise
             except Exception as exc:
                 kind, detail = _classify(exc) if self.is_s3 else _classify_local(exc)
+                if kind == "refused" and isinstance(exc, (FileNotFoundError, FileExistsError)):
+                    raise  # s3fs's reading of an answer callers test for: 412 to a create whose key is taken
                 fixable = self._fixable(kind, detail, op, self.uri(rel))
                 if fixable is not None:
                     raise fixable from exc
@@ -439,6 +443,8 @@ class Storage:
                 f"wrong S3 region or endpoint for {self.root} ({detail}); check AWS_REGION or AWS_DEFAULT_REGION, "
                 f"and {endpoint_variable()}"
             )
+        if kind == "refused":  # the same request is refused again: a setting of the bucket or the service to fix
+            return StorageError(f"S3 refused to {op} {uri} ({detail})")
         return None
 
     @contextlib.contextmanager
@@ -456,8 +462,6 @@ class Storage:
             fixable = self._fixable(kind, detail, "read", uri)
             if fixable is not None:
                 raise fixable from exc
-            if kind == "refused":
-                raise StorageError(f"S3 refused to read {uri} ({detail})") from exc
             if kind != "transient":
                 raise
             raise StorageError(
@@ -929,7 +933,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
     Kinds: no_bucket, no_credentials, credentials, region (signed for another region, or redirected), denied,
     transient, unreachable (no connection at all: refused, unknown host, connect timeout, TLS or proxy failure;
-    transient too), conflict, unsupported, other. The
+    transient too), conflict, unsupported, refused (any other 4xx answer but a 404: a request S3 will refuse again,
+    such as InvalidRequest, InvalidArgument or EntityTooLarge), other. The
     description holds the S3 error code and message, never request secrets.
     """
     for e in _chain(exc):
@@ -949,10 +954,12 @@ def _classify(exc: BaseException) -> tuple[str, str]:
                 return "conflict", detail
             if code in ("NotImplemented", "501") or status == 501:
                 return "unsupported", detail
-            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
                 return "transient", detail
             if code in _DENIED_CODES or status == 403:
                 return "denied", detail
+            if 400 <= status < 500 and status != 404:  # a missing object is no refusal: s3fs raises FileNotFoundError
+                return "refused", detail
             return "other", detail
         if type(e).__name__ in _CREDENTIAL_ERRORS:  # raised by botocore before any request is sent
             return "no_credentials", _one_line(str(e))

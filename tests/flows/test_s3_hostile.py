@@ -8,6 +8,9 @@
   retries ends a command as every other storage failure does: one line, exit 3, naming the object.
 - A bucket in another region than the requests are signed for, or behind another endpoint, is one line naming
   the settings to check, exit 3 (it was `unexpected OSError`, exit 1).
+- A request S3 refuses (a 4xx answer of no known kind: InvalidRequest, InvalidArgument...) is one line naming the
+  operation, the object and S3's code and message, exit 3, without retries (it was `unexpected OSError`, exit 1);
+  throttling, 5xx and RequestTimeout are still retried.
 """
 
 from __future__ import annotations
@@ -353,3 +356,96 @@ def test_a_bucket_in_another_region_or_behind_another_endpoint_is_one_line_and_e
     shown = "Received redirect without LOCATION" if request_of == "events" else f"{code}: {message}"
     assert lines[0].startswith(f"error: wrong S3 region or endpoint for {s3_root} ({shown}")
     assert lines[0].endswith("); check AWS_REGION or AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL")
+
+
+# --- requests S3 refuses -----------------------------------------------------------------------------------
+# What AWS answers to a PUT into a bucket with Object Lock on, and to a GET of a KMS-encrypted object signed otherwise
+OBJECT_LOCK = (
+    "Content-MD5 OR x-amz-checksum- HTTP header is required for Put Object requests with Object Lock parameters"
+)
+KMS = "Requests specifying Server Side Encryption with AWS KMS managed keys require AWS Signature Version 4."
+
+
+@pytest.mark.parametrize(
+    ("method", "match", "op", "code", "message"),
+    [
+        ("PUT", "/_state/lock.json", "create", "InvalidRequest", OBJECT_LOCK),
+        ("PUT", "/events/", "write", "InvalidRequest", OBJECT_LOCK),
+        ("GET", "/landing/a.jsonl", "read", "InvalidArgument", KMS),
+        ("GET", "/events/", "read", "InvalidArgument", KMS),  # Polars' reader: one line already, the same one
+    ],
+    ids=["lock-put", "events-put", "s3fs-read", "polars-scan"],
+)
+def test_a_request_s3_refuses_ends_the_command_with_one_line_and_exit_3(
+    s3_root: str,
+    s3_faults: FaultProxy,
+    tmp_path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    match: str,
+    op: str,
+    code: str,
+    message: str,
+) -> None:
+    """A 4xx answer of no known kind (not credentials, access, region, a missing bucket or object) would be given to
+    the same request again: it is not retried, and the command ends with one line naming the operation, the object
+    and S3's code and message, exit 3. It ended as 'unexpected OSError: <message>', exit 1, naming neither."""
+    meters = tmp_path / "meters.yaml"
+    meters.write_text(METERS)
+    storage = Storage(s3_root)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10)]))
+    if match == "/events/" and method == "GET":  # the next run reads the stored events of b's date
+        assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+        land(storage, "b.jsonl", jsonl([prompt(2, 5), prompt(29, 1)]))
+    monkeypatch.setitem(fixtures_s3._ERRORS, 400, (code, message))
+    failed: list[str] = []
+
+    def refuse(request_method: str, path: str) -> bool:
+        if request_method == method and match in path.split("?")[0]:
+            failed.append(path.split("?")[0])
+            return True
+        return False
+
+    s3_faults.fail_when(refuse, status=400)
+    capsys.readouterr()
+    exit_code = main(["run", "--root", s3_root, "--meters", str(meters)])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert failed, "the request was never made"
+    uri = "s3:/" + urllib.parse.unquote(failed[-1])  # path-style requests: /bucket/key
+    assert (exit_code, lines) == (3, [f"error: S3 refused to {op} {uri} ({code}: {message})"])
+    if op != "read" or match != "/events/":  # our requests: one attempt (Polars' reader makes its own)
+        assert len(failed) == 1, failed
+    assert fixtures_s3.FAKE_SECRET not in out.out + out.err
+    s3_faults.heal()  # the failed run leaves nothing behind that a rerun would not undo
+    assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+    assert tokens(storage) == (16 if match == "/events/" and method == "GET" else 10)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (500, "InternalError"),
+        (503, "SlowDown"),
+        (429, "TooManyRequests"),
+        (408, "RequestTimeout"),
+        (400, "RequestTimeout"),
+    ],
+)
+def test_transient_answers_are_still_retried(
+    s3_root: str, s3_faults: FaultProxy, monkeypatch: pytest.MonkeyPatch, status: int, code: str
+) -> None:
+    """Throttling, server errors and S3's RequestTimeout (sent with 400 as well as 408) are retried, a PUT, a GET and
+    a HEAD alike; a HEAD's answer has no body, so its status alone (408, 429, 5xx) must tell. (S3 answers
+    RequestTimeout to a request whose body stalls, never to a HEAD: a HEAD answered 400 is refused.)"""
+    monkeypatch.setitem(fixtures_s3._ERRORS, status, (code, "injected"))
+    storage = Storage(s3_root)  # the _fast retry policy: 3 attempts
+    calls = [lambda: storage.write_bytes("x.json", b"{}"), lambda: storage.read_bytes("x.json")]
+    if status != 400:
+        calls.append(lambda: storage.exists("x.json"))
+    for call in calls:
+        before = len(s3_faults.log)
+        s3_faults.fail_next(2, status=status)
+        call()
+        assert [answer for _, _, answer in s3_faults.log[before:]] == [status, status, 200]

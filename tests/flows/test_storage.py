@@ -504,9 +504,19 @@ def _client_error(code: str, status: int) -> Exception:
         ("NoSuchBucket", 404, "no_bucket"),
         ("NotImplemented", 501, "unsupported"),
         ("ConditionalRequestConflict", 409, "conflict"),
-        ("PreconditionFailed", 412, "other"),
-        ("InvalidArgument", 400, "other"),  # a request that will fail the same way again: never retried
-        ("EntityTooLarge", 400, "other"),
+        ("RequestTimeout", 408, "transient"),
+        ("408", 408, "transient"),  # a HEAD has no body: its status alone
+        ("NoSuchKey", 404, "other"),  # a missing object: s3fs's FileNotFoundError, which callers test for
+        # a request that will fail the same way again: never retried, one line naming it (it was "other": exit 1)
+        ("InvalidRequest", 400, "refused"),
+        ("InvalidArgument", 400, "refused"),
+        ("EntityTooLarge", 400, "refused"),
+        ("400", 400, "refused"),
+        ("MethodNotAllowed", 405, "refused"),
+        ("BucketNotEmpty", 409, "refused"),
+        ("MissingContentLength", 411, "refused"),
+        ("PreconditionFailed", 412, "refused"),
+        ("InvalidRange", 416, "refused"),
     ],
 )
 def test_s3_errors_are_classified_transient_or_permanent(code: str, status: int, kind: str) -> None:
