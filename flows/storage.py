@@ -569,11 +569,12 @@ class Storage:
         # between two folders linked to each other, forever. Linked files are listed once too (`_linked_files`).
         inside = [os.path.realpath(self.base), real_top]
         seen = {real_top}
-        listed: dict[str, str] = {}  # real path -> listed path, of every file reached that is no link
+        listed: dict[str, str] = {}  # real path -> listed path, of the files in linked folders outside the tree
         links: list[tuple[str, str]] = []  # (listed path, path) of the links to files, decided after the walk
         for folder, dirs, names in os.walk(top, followlinks=True):
             rel_folder = self._rel(folder) if folder != self.base else ""
             real_folder = os.path.realpath(folder)
+            outside = not _is_within(real_folder, real_top)  # in a linked folder: its files' paths are not their own
             dirs[:] = [d for d in sorted(dirs) if _first_visit(os.path.join(folder, d), inside, seen)]
             if start_after:  # prune folders whose every path sorts before start_after
                 dirs[:] = [d for d in dirs if not _all_before(_join(rel_folder, d) + "/", start_after)]
@@ -587,7 +588,7 @@ class Storage:
                 if stat.S_ISLNK(st.st_mode):
                     links.append((rel, full))
                     continue
-                if not _hidden(rel, prefix):
+                if outside and not _hidden(rel, prefix):
                     listed.setdefault(os.path.join(real_folder, name), rel)
                 if not (start_after and rel <= start_after):
                     yield FileInfo(rel, st.st_size, st.st_mtime)
