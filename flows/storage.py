@@ -742,20 +742,26 @@ class Storage:
             self._call("create", rel, lambda: self.fs.pipe_file(target, data, mode="create"))
             return True
         except FileExistsError:
-            # ours if an earlier attempt of this very call got through before its response was lost
-            with contextlib.suppress(FileNotFoundError):
-                return self.read_bytes(rel) == data
-            return False
+            return self._holds(rel, data)
         except OSError as exc:
             kind = _classify(exc)[0]
             if kind == "conflict":  # another writer's conditional PUT on the same key is in flight
                 return False
+            if kind == "exists":  # 412 from a store that does not name the condition (s3fs's FileExistsError needs it)
+                return self._holds(rel, data)
             if kind != "unsupported":
                 raise
             if self.exists(rel):
                 return False
             self.write_bytes(rel, data)
             return True
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        """After a create found `rel` taken: ours if an earlier attempt of this very create got through before its
+        response was lost."""
+        with contextlib.suppress(FileNotFoundError):
+            return self.read_bytes(rel) == data
+        return False
 
     def _create_exclusive_open(self, rel: str, data: bytes) -> bool:
         target = self.path(rel)
@@ -934,7 +940,7 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
     Kinds: no_bucket, no_credentials, credentials, region (signed for another region, or redirected), denied,
     transient, unreachable (no connection at all: refused, unknown host, connect timeout, TLS or proxy failure;
-    transient too), conflict, unsupported, refused (any other 4xx answer but a 404: a request S3 will refuse again,
+    transient too), conflict, exists (a conditional create's key is taken), unsupported, refused (any other 4xx answer but a 404: a request S3 will refuse again,
     such as InvalidRequest, InvalidArgument or EntityTooLarge), other. The
     description holds the S3 error code and message, never request secrets.
     """
@@ -955,6 +961,8 @@ def _classify(exc: BaseException) -> tuple[str, str]:
                 return "conflict", detail
             if code in ("NotImplemented", "501") or status == 501:
                 return "unsupported", detail
+            if code == "PreconditionFailed" or status == 412:  # only a create sends a condition: the key is taken
+                return "exists", detail
             if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
                 return "transient", detail
             if code in _DENIED_CODES or status == 403:

@@ -515,7 +515,8 @@ def _client_error(code: str, status: int) -> Exception:
         ("MethodNotAllowed", 405, "refused"),
         ("BucketNotEmpty", 409, "refused"),
         ("MissingContentLength", 411, "refused"),
-        ("PreconditionFailed", 412, "refused"),
+        ("PreconditionFailed", 412, "exists"),  # the answer to a create (If-None-Match) whose key is taken
+        ("412", 412, "exists"),
         ("InvalidRange", 416, "refused"),
     ],
 )
@@ -552,6 +553,22 @@ def test_an_s3_conditional_put_losing_a_race_in_flight_is_not_created(monkeypatc
         raise OSError("conflict") from _client_error("ConditionalRequestConflict", 409)
 
     assert _s3_storage_with_put(monkeypatch, put, b"theirs").create_exclusive("_state/lock.json", b"ours") is False
+
+
+@pytest.mark.parametrize(("stored", "created"), [(b"ours", True), (b"theirs", False)])
+def test_an_s3_create_answered_412_without_its_condition_is_a_taken_key(
+    monkeypatch: pytest.MonkeyPatch, stored: bytes, created: bool
+) -> None:
+    """s3fs reads a 412 as FileExistsError only when the answer names the If-None-Match condition; from a store
+    that does not, the lock's create ended the command with "S3 refused to create" (exit 3; before that,
+    "unexpected", exit 1) instead of finding the lock held."""
+    from s3fs.errors import translate_boto_error
+
+    def put(path: str, data: bytes, mode: str = "overwrite") -> None:
+        raise translate_boto_error(_client_error("PreconditionFailed", 412))
+
+    storage = _s3_storage_with_put(monkeypatch, put, stored)
+    assert storage.create_exclusive("_state/lock.json", b"ours") is created
 
 
 @pytest.mark.parametrize(("stored", "created"), [(b"ours", True), (b"theirs", False)])
