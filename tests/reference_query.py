@@ -1,0 +1,159 @@
+"""An independent reference for `meterlake query`, in DuckDB SQL, written from SPEC.md and the research notes
+(OpenMeter's v1 query API, research §5), not from `transforms/query.py`.
+
+It reuses the event-level SQL of `reference.py` (validation, deduplication, JSONPath extraction, exclusions: the
+same rules the billing tables follow) and adds the query itself:
+
+- the range is `[from, to)`, compared with the event's full (nanosecond) time; `from`/`to` are RFC 3339 with an
+  offset (DuckDB's TIMESTAMPTZ cast reads them) or a plain date, which is local midnight in the window zone;
+  a meter's `eventFrom` raises the lower bound (research §5.1);
+- windows come from DuckDB's ICU time zones (another tz database than Polars' and zoneinfo): DAY is
+  `[local midnight, next local midnight)`, MONTH the same from the local first of the month; MINUTE and HOUR
+  truncate the local wall clock and keep the event's own UTC offset (docs/cli.md: the repeated hour of a fall-back
+  gives two windows, one per real hour);
+- no window: one row per group labelled `[from, to)`;
+- only groups/windows with an event that counts; an unwindowed, ungrouped COUNT or UNIQUE_COUNT with nothing
+  gives one row of 0 (research §5.5);
+- `subjects` filters subjects and groups by subject; `filters` keeps events whose group value, as text, is one of
+  the values given (a null group value matches nothing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from reference import VALIDATE_SQL, Batch, RefMeter, _agg_sql, _extract_sql, _records, _sql_text, read_meters
+
+US = 1000  # ns per microsecond
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+UNITS = {"MINUTE": "minute", "HOUR": "hour"}
+
+
+@dataclass
+class RefQuery:
+    slug: str
+    from_: str  # as given to meterlake: RFC 3339 with an offset, or YYYY-MM-DD (local midnight in tz)
+    to: str
+    window: str | None = None
+    tz: str = "UTC"
+    subjects: list[str] = field(default_factory=list)
+    group_by: list[str] = field(default_factory=list)
+    filters: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Reference:
+    """The curated events of some landed batches, in DuckDB, ready for queries."""
+
+    def __init__(self, batches: list[Batch], meters_yaml: str) -> None:
+        _, meters = read_meters(meters_yaml)
+        self.meters = {m.slug: m for m in meters}
+        rows, _ = _records(batches)
+        self.con = duckdb.connect()
+        self.con.execute("SET TimeZone = 'UTC'")
+        rec = pa.table(
+            {
+                "ord": pa.array([r[0] for r in rows], pa.int64()),
+                "file": pa.array([r[1] for r in rows], pa.string()),
+                "line": pa.array([r[2] for r in rows], pa.int64()),
+                "j": pa.array([r[3] for r in rows], pa.string()),
+            }
+        )
+        self.con.register("rec_in", rec)
+        self.con.execute("CREATE TABLE rec AS SELECT ord, file, line, j::JSON AS j FROM rec_in")
+        self.con.execute(VALIDATE_SQL)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def bound_ns(self, text: str, tz: str) -> int:
+        """A bound as UTC nanoseconds (microsecond precision, as the query API keeps)."""
+        if _DAY.fullmatch(text):
+            sql = f"SELECT epoch_us(timezone({_sql_text(tz)}, CAST({_sql_text(text)} AS DATE)::TIMESTAMP))"
+        else:
+            sql = f"SELECT epoch_us(CAST({_sql_text(text)} AS TIMESTAMPTZ))"
+        return self.con.execute(sql).fetchall()[0][0] * US
+
+    def query(self, q: RefQuery) -> pl.DataFrame:
+        """window_start, window_end (Datetime(us, tz)), the group keys (subject first), value (Float64)."""
+        meter: RefMeter = self.meters[q.slug]
+        lo, hi = self.bound_ns(q.from_, q.tz), self.bound_ns(q.to, q.tz)
+        keys = (["subject"] if q.subjects or "subject" in q.group_by else []) + [
+            k for k in q.group_by if k != "subject"
+        ]
+        index = {k: i for i, k in enumerate(meter.group_by)}
+        col = {"subject": "subject", **{k: f"g_{index[k]}" for k in meter.group_by}}
+        where = [f"ns >= {lo}", f"ns < {hi}", "why IS NULL"]  # eventFrom: in _extract_sql
+        if q.subjects:
+            where.append(f"subject IN ({', '.join(_sql_text(s) for s in q.subjects)})")
+        for key, values in q.filters.items():
+            where.append(f"{col[key]} IN ({', '.join(_sql_text(v) for v in values)})")
+        tz = _sql_text(q.tz)
+        # the instant (to the microsecond: windows are minutes at the finest) and its local wall clock
+        at = "make_timestamp(ns // 1000)::TIMESTAMPTZ"
+        local = f"timezone({tz}, {at})"
+        if q.window is None:
+            ws, we = f"{lo // US}", f"{hi // US}"
+        elif q.window in UNITS:
+            unit = UNITS[q.window]
+            offset = f"(epoch_us({local}) - ns // 1000)"  # the event's own UTC offset, in microseconds
+            ws = f"(epoch_us(date_trunc('{unit}', {local})) - {offset})"
+            we = f"({ws} + {60_000_000 if unit == 'minute' else 3_600_000_000})"
+        else:
+            first = f"CAST({local} AS DATE)" if q.window == "DAY" else f"date_trunc('month', CAST({local} AS DATE))"
+            step = "INTERVAL 1 DAY" if q.window == "DAY" else "INTERVAL 1 MONTH"
+            ws = f"epoch_us(timezone({tz}, ({first})::TIMESTAMP))"
+            we = f"epoch_us(timezone({tz}, (({first}) + {step})::TIMESTAMP))"
+        select_keys = "".join(f", {col[k]} AS {k}" for k in keys)
+        sql = f"""
+            WITH x AS ({_extract_sql(meter)}),
+            w AS (SELECT *, {ws} AS ws_us, {we} AS we_us FROM x WHERE {" AND ".join(where)})
+            SELECT ws_us, we_us{select_keys}, {_agg_sql(meter.aggregation)} AS value
+            FROM w GROUP BY ALL
+        """
+        df = self.con.sql(sql).pl()
+        df = df.filter(pl.col("value").is_not_null())
+        if df.is_empty() and q.window is None and not keys and meter.aggregation in ("COUNT", "UNIQUE_COUNT"):
+            df = pl.DataFrame({"ws_us": [lo // US], "we_us": [hi // US], "value": [0.0]})
+        zone = pl.Datetime("us", q.tz)
+        return df.select(
+            pl.from_epoch(pl.col("ws_us").cast(pl.Int64), "us").dt.replace_time_zone("UTC").dt.convert_time_zone(q.tz)
+            .cast(zone)
+            .alias("window_start"),
+            pl.from_epoch(pl.col("we_us").cast(pl.Int64), "us").dt.replace_time_zone("UTC").dt.convert_time_zone(q.tz)
+            .cast(zone)
+            .alias("window_end"),
+            *[pl.col(k).cast(pl.String) for k in keys],
+            pl.col("value").cast(pl.Float64),
+        )  # fmt: skip
+
+
+def assert_query_matches(actual: pl.DataFrame, expected: pl.DataFrame, where: str, avg_rel: float = 0.0) -> None:
+    """Same columns and types, the same rows whatever their order (keys null-safe), values equal.
+
+    Values are compared exactly; `avg_rel` is a relative tolerance for AVG only, whose division may be done
+    differently (sum / n against a running mean)."""
+    assert actual.columns == expected.columns, f"{where}: columns {actual.columns} != {expected.columns}"
+    assert actual.schema == expected.schema, f"{where}: schema {actual.schema} != {expected.schema}"
+    keys = [c for c in expected.columns if c != "value"]
+    assert actual.select(keys).is_duplicated().sum() == 0, f"{where}: duplicate keys\n{actual}"
+    joined = actual.join(expected, on=keys, how="full", nulls_equal=True, coalesce=True, suffix="_ref")
+    only_actual = joined.filter(pl.col("value_ref").is_null() & pl.col("value").is_not_null())
+    only_expected = joined.filter(pl.col("value").is_null() & pl.col("value_ref").is_not_null())
+    assert only_actual.is_empty() and only_expected.is_empty(), (
+        f"{where}: row sets differ\nonly in meterlake ({only_actual.height}):\n{only_actual.head(8)}"
+        f"\nonly in reference ({only_expected.height}):\n{only_expected.head(8)}"
+    )
+    a, e = pl.col("value"), pl.col("value_ref")
+    bad = joined.filter((a - e).abs() > avg_rel * pl.max_horizontal(a.abs(), e.abs()))
+    assert bad.is_empty(), f"{where}: {bad.height} values differ:\n{bad.head(8)}"
+    assert actual.height == expected.height
+
+
+def utc_ns(value: dt.datetime) -> int:
+    return (value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * US
