@@ -10,7 +10,8 @@ same rules the billing tables follow) and adds the query itself:
 - windows come from DuckDB's ICU time zones (another tz database than Polars' and zoneinfo): DAY is
   `[local midnight, next local midnight)`, MONTH the same from the local first of the month; MINUTE and HOUR
   truncate the local wall clock and keep the event's own UTC offset (docs/cli.md: the repeated hour of a fall-back
-  gives two windows, one per real hour);
+  gives two windows, one per real hour), and are cut at the instants the zone's offset changes (listed here by
+  scanning every minute of the events' span), so that windows never overlap (docs/design.md);
 - no window: one row per group labelled `[from, to)`;
 - only groups/windows with an event that counts; an unwindowed, ungrouped COUNT or UNIQUE_COUNT with nothing
   gives one row of 0 (research §5.5);
@@ -20,7 +21,6 @@ same rules the billing tables follow) and adds the query itself:
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from reference import VALIDATE_SQL, Batch, RefMeter, _agg_sql, _extract_sql, _re
 US = 1000  # ns per microsecond
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 UNITS = {"MINUTE": "minute", "HOUR": "hour"}
+US_OF_NS = "((ns - ((ns % 1000) + 1000) % 1000) // 1000)"  # floored: DuckDB's // and % truncate toward zero
 
 
 @dataclass
@@ -67,6 +68,25 @@ class Reference:
         self.con.register("rec_in", rec)
         self.con.execute("CREATE TABLE rec AS SELECT ord, file, line, j::JSON AS j FROM rec_in")
         self.con.execute(VALIDATE_SQL)
+        self.changes: dict[str, str] = {}
+
+    def _changes(self, tz: str) -> str:
+        """A table of the instants (UTC microseconds) where `tz`'s UTC offset changes, around the events."""
+        if tz not in self.changes:
+            name = f"changes_{len(self.changes)}"
+            self.con.execute(f"""
+                CREATE TABLE {name} AS
+                WITH grid AS (
+                    SELECT epoch_us(m) AS us, epoch_us(timezone({_sql_text(tz)}, m)) - epoch_us(m) AS off
+                    FROM (SELECT min(ns) AS lo, max(ns) AS hi FROM ev) span,
+                         generate_series(date_trunc('day', make_timestamp(lo // 1000)::TIMESTAMPTZ) - INTERVAL 3 DAY,
+                                         make_timestamp(hi // 1000)::TIMESTAMPTZ + INTERVAL 3 DAY,
+                                         INTERVAL 1 MINUTE) AS g(m)
+                )
+                SELECT us FROM (SELECT us, off, lag(off) OVER (ORDER BY us) AS before FROM grid) WHERE off <> before
+            """)
+            self.changes[tz] = name
+        return self.changes[tz]
 
     def close(self) -> None:
         self.con.close()
@@ -95,15 +115,20 @@ class Reference:
             where.append(f"{col[key]} IN ({', '.join(_sql_text(v) for v in values)})")
         tz = _sql_text(q.tz)
         # the instant (to the microsecond: windows are minutes at the finest) and its local wall clock
-        at = "make_timestamp(ns // 1000)::TIMESTAMPTZ"
+        at = f"make_timestamp({US_OF_NS})::TIMESTAMPTZ"
         local = f"timezone({tz}, {at})"
         if q.window is None:
             ws, we = f"{lo // US}", f"{hi // US}"
         elif q.window in UNITS:
             unit = UNITS[q.window]
-            offset = f"(epoch_us({local}) - ns // 1000)"  # the event's own UTC offset, in microseconds
-            ws = f"(epoch_us(date_trunc('{unit}', {local})) - {offset})"
-            we = f"({ws} + {60_000_000 if unit == 'minute' else 3_600_000_000})"
+            offset = f"(epoch_us({local}) - {US_OF_NS})"  # the event's own UTC offset, in microseconds
+            wall = f"(epoch_us(date_trunc('{unit}', {local})) - {offset})"
+            length = 60_000_000 if unit == "minute" else 3_600_000_000
+            changes = self._changes(q.tz)
+            # cut at an offset change inside the wall-clock window (the grid is minutes: changes are on minutes)
+            ws = f"greatest({wall}, coalesce((SELECT max(c.us) FROM {changes} c WHERE c.us <= {US_OF_NS}), {wall}))"
+            end = f"{wall} + {length}"
+            we = f"least({end}, coalesce((SELECT min(c.us) FROM {changes} c WHERE c.us > {US_OF_NS}), {end}))"
         else:
             first = f"CAST({local} AS DATE)" if q.window == "DAY" else f"date_trunc('month', CAST({local} AS DATE))"
             step = "INTERVAL 1 DAY" if q.window == "DAY" else "INTERVAL 1 MONTH"
@@ -155,5 +180,13 @@ def assert_query_matches(actual: pl.DataFrame, expected: pl.DataFrame, where: st
     assert actual.height == expected.height
 
 
-def utc_ns(value: dt.datetime) -> int:
-    return (value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * US
+def assert_windows_disjoint(df: pl.DataFrame, where: str) -> None:
+    """Within one group, the rows' [window_start, window_end) never overlap (nor are empty): a row is exactly the
+    events its window holds. Needs no reference."""
+    keys = [c for c in df.columns if c not in ("window_start", "window_end", "value")]
+    assert (df["window_start"] < df["window_end"]).all(), f"{where}: an empty window\n{df}"
+    ordered = df.sort([*keys, "window_start"], nulls_last=True)
+    following = pl.col("window_start").shift(-1)
+    same_group = pl.all_horizontal([pl.col(k).eq_missing(pl.col(k).shift(-1)) for k in keys] or [pl.lit(True)])
+    bad = ordered.filter(same_group & (following < pl.col("window_end")))
+    assert bad.is_empty(), f"{where}: overlapping windows\n{bad}"

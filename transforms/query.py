@@ -3,7 +3,8 @@
 - The range is `[from, to)`; neither bound has to be aligned to a window.
 - Windows (MINUTE, HOUR, DAY, MONTH) are calendar-aligned in an IANA zone: a DAY is local midnight to
   the next local midnight (23 or 25 hours across DST), a MONTH the same for the first of the month, and
-  MINUTE/HOUR follow the local wall clock (Asia/Kolkata hours start at :30 UTC). Window bounds come back
+  MINUTE/HOUR follow the local wall clock (Asia/Kolkata hours start at :30 UTC), cut where the zone's offset
+  changes inside them (Australia/Lord_Howe's half-hour DST): windows never overlap. Window bounds come back
   in the query zone. The first and last windows carry their full calendar bounds but hold only the
   events inside `[from, to)`.
 - Without a window there is one row per group, labelled `[from, to)`.
@@ -158,13 +159,56 @@ def make_query(
 
 
 # --- windows ---------------------------------------------------------------------------------------
-def _wall_clock_window(time: pl.Expr, tz: str, every: str, length: str) -> tuple[pl.Expr, pl.Expr]:
-    """MINUTE/HOUR: truncate the local wall clock, keeping the event's own UTC offset (DST-safe)."""
+def _offset(time: pl.Expr, tz: str) -> pl.Expr:
+    """The UTC offset in force at each instant (Polars' tz rules), as a Duration(us)."""
     local = time.dt.convert_time_zone(tz)
-    offset = (local.dt.base_utc_offset() + local.dt.dst_offset()).cast(pl.Duration("us"))
-    wall = time.cast(pl.Datetime("us", "UTC")).dt.replace_time_zone(None) + offset
+    return (local.dt.base_utc_offset() + local.dt.dst_offset()).cast(pl.Duration("us"))
+
+
+def _offset_change(lo: pl.Series, hi: pl.Series, tz: str) -> pl.Series:
+    """Where the offset at `lo` differs from the one at `hi` (UTC, lo < hi, one change between them): the first
+    microsecond in (lo, hi] that has the offset of `hi`, by bisection (about 32 rounds for an hour)."""
+    us = pl.Datetime("us", "UTC")
+    f = pl.DataFrame({"lo": lo.cast(us).dt.epoch("us"), "hi": hi.cast(us).dt.epoch("us")})
+    f = f.with_columns(target=_offset(pl.from_epoch("hi", "us").dt.replace_time_zone("UTC"), tz))
+    while (f["hi"] - f["lo"]).max() > 1:  # type: ignore[operator]
+        mid = pl.col("lo") + (pl.col("hi") - pl.col("lo")) // 2
+        same = _offset(pl.from_epoch(mid, "us").dt.replace_time_zone("UTC"), tz) == pl.col("target")
+        f = f.with_columns(
+            hi=pl.when(same).then(mid).otherwise(pl.col("hi")), lo=pl.when(same).then(pl.col("lo")).otherwise(mid)
+        )
+    return pl.from_epoch(f["hi"], "us").dt.replace_time_zone("UTC")
+
+
+def _wall_clock_windows(events: pl.DataFrame, tz: str, every: str) -> pl.DataFrame:
+    """MINUTE/HOUR: the local wall-clock minute or hour, with the event's own UTC offset (the repeated hour of a
+    fall-back gives two windows), cut where the offset changes inside it, so that the windows partition time.
+
+    A whole-hour DST change falls on an hour boundary and cuts nothing. A half-hour one (Australia/Lord_Howe) would
+    otherwise give overlapping windows: 02:30 +11:00 truncates to 02:00 +11:00 (15:00Z), inside the hour
+    [01:00, 02:00) +10:30 that ends at the change (15:30Z); cut, its window is [15:30Z, 16:00Z)."""
+    us = pl.Datetime("us", "UTC")
+    time = pl.col("time").cast(us)
+    offset = _offset(time, tz)
+    wall = time.dt.replace_time_zone(None) + offset
     start = (wall.dt.truncate(every) - offset).dt.replace_time_zone("UTC")
-    return start, start.dt.offset_by(length)
+    out = events.with_columns(_t=time, _off=offset, window_start=start).with_columns(
+        window_end=pl.col("window_start").dt.offset_by(every)
+    )
+    out = out.with_columns(
+        _cut_start=_offset(pl.col("window_start"), tz) != pl.col("_off"),
+        _cut_end=_offset(pl.col("window_end") - pl.duration(microseconds=1), tz) != pl.col("_off"),
+    )
+    for cut, lo, hi, column in (
+        ("_cut_start", "window_start", "_t", "window_start"),  # the offset changed after the start: start there
+        ("_cut_end", "_t", "_last", "window_end"),  # the offset changes before the end: end there
+    ):
+        rows = out.with_columns(_last=pl.col("window_end") - pl.duration(microseconds=1)).filter(pl.col(cut))
+        if rows.height:
+            at = out.with_row_index("_i").filter(pl.col(cut))["_i"]
+            bounds = out[column].clone().scatter(at, _offset_change(rows[lo], rows[hi], tz))
+            out = out.with_columns(bounds.alias(column))
+    return out.drop("_t", "_off", "_cut_start", "_cut_end")
 
 
 def _calendar_table(days: list[dt.date], size: str, tz: str) -> pl.DataFrame:
@@ -193,9 +237,7 @@ def with_windows(events: pl.DataFrame, q: Query) -> pl.DataFrame:
             window_start=pl.lit(q.start, pl.Datetime("us", "UTC")), window_end=pl.lit(q.end, pl.Datetime("us", "UTC"))
         )
     if q.window in ("MINUTE", "HOUR"):
-        every = "1m" if q.window == "MINUTE" else "1h"
-        start, end = _wall_clock_window(time, q.tz, every, every)
-        return events.with_columns(window_start=start, window_end=end)
+        return _wall_clock_windows(events, q.tz, "1m" if q.window == "MINUTE" else "1h")
     local = events.with_columns(_local=local_date(time, q.tz))
     table = _calendar_table(local["_local"].unique().to_list(), q.window, q.tz)
     return local.join(table, on="_local", how="left").drop("_local")

@@ -29,7 +29,7 @@ from flows import pipeline, tools
 from meters import parse_meters
 
 from reference import Batch
-from reference_query import Reference, RefQuery, assert_query_matches
+from reference_query import Reference, RefQuery, assert_query_matches, assert_windows_disjoint
 from support import land, local_root
 
 NS = 1_000_000_000
@@ -100,11 +100,21 @@ def _boundaries() -> list[int]:
 
 
 BOUNDARIES = _boundaries()
+CHANGES = [  # the DST changes themselves (UTC ns)
+    _utc_ns(dt.datetime(2024, 3, 10, 7, tzinfo=dt.UTC)),
+    _utc_ns(dt.datetime(2024, 3, 31, 1, tzinfo=dt.UTC)),
+    _utc_ns(dt.datetime(2024, 4, 6, 15, tzinfo=dt.UTC)),
+    _utc_ns(dt.datetime(2024, 10, 5, 15, 30, tzinfo=dt.UTC)),
+    _utc_ns(dt.datetime(2024, 10, 27, 1, tzinfo=dt.UTC)),
+    _utc_ns(dt.datetime(2024, 11, 3, 6, tzinfo=dt.UTC)),
+]
 
 
 def random_ns(rng: random.Random) -> int:
     roll = rng.random()
-    if roll < 0.25:
+    if roll < 0.1:
+        return rng.choice(CHANGES) + rng.randint(-3600 * NS, 3600 * NS)
+    if roll < 0.3:
         return rng.choice(BOUNDARIES) - rng.choice((0, 0, 1))
     if roll < 0.6:
         return rng.choice(BOUNDARIES) + rng.randint(-3600 * NS, 3600 * NS)
@@ -260,6 +270,7 @@ def test_query_equals_duckdb_reference(tmp_path: Path, seed: int) -> None:
                 filters=q.filters or None,
             )
             expected = ref.query(q)
+            assert_windows_disjoint(actual, where)
             assert_query_matches(actual, expected, where)
             compared += 1
             rows += expected.height

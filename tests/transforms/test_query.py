@@ -221,6 +221,32 @@ def test_hour_windows_across_fall_back_are_real_hours():
     assert [s.astimezone(UTC).hour for s in df["window_start"]] == [8, 9]
 
 
+@pytest.mark.parametrize(
+    ("day", "times", "windows"),
+    [
+        # Lord Howe falls back half an hour: 02:00 +11:00 (15:00Z) becomes 01:30 +10:30. The local hour 01:00 +11:00
+        # is [14:00Z, 15:00Z), the repeated half hour 01:30-02:00 +10:30 is [15:00Z, 15:30Z), 02:00 +10:30 is 15:30Z.
+        ("2024-04-06", ("14:45", "15:15", "15:45"), (("14:00", "15:00"), ("15:00", "15:30"), ("15:30", "16:30"))),
+        # and springs forward: 02:00 +10:30 (15:30Z) becomes 02:30 +11:00; 03:00 +11:00 is 16:00Z.
+        ("2024-10-05", ("15:10", "15:45", "16:10"), (("14:30", "15:30"), ("15:30", "16:00"), ("16:00", "17:00"))),
+    ],
+)
+def test_hour_windows_across_a_half_hour_dst_change_do_not_overlap(day, times, windows):
+    """A row's window holds exactly the events it counts: [window_start, window_end) of the rows partition time.
+    The local wall-clock hour is cut at the offset change (found by the DuckDB query reference): 02:30 +11:00 was
+    put in [02:00 +11:00, 03:00 +11:00) = [15:00Z, 16:00Z), overlapping [01:00 +10:30, 02:00 +10:30), whose
+    events it did not count."""
+    at = [dt.datetime.fromisoformat(f"{day}T{t}:00+00:00") for t in times]
+    frame = events([("c", t, {"duration_ms": i + 1}) for i, t in enumerate(at)])
+    df = q("duration", f"{day}T12:00:00Z", f"{day}T18:00:00Z", window="HOUR", tz="Australia/Lord_Howe", frame=frame)
+    got = [
+        (s.astimezone(UTC).strftime("%H:%M"), e.astimezone(UTC).strftime("%H:%M"))
+        for s, e in zip(df["window_start"], df["window_end"], strict=True)
+    ]
+    assert got == list(windows)
+    assert df["value"].to_list() == [1.0, 2.0, 3.0]
+
+
 def test_month_windows_follow_the_zone():
     frame = events([("c", dt.datetime(2024, 1, 31, 23, 30, tzinfo=UTC), {"duration_ms": 5})])  # Feb 1 local
     df = q("duration", "2024-01-01", "2024-03-01", window="MONTH", tz="Europe/Berlin", frame=frame)
