@@ -21,7 +21,10 @@ same rules the billing tables follow) and adds the query itself:
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
+import zoneinfo
 from dataclasses import dataclass, field
 
 import duckdb
@@ -32,6 +35,7 @@ from reference import VALIDATE_SQL, Batch, RefMeter, _agg_sql, _extract_sql, _re
 
 US = 1000  # ns per microsecond
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_BEYOND_US = re.compile(r"(\.\d{6})\d+")
 UNITS = {"MINUTE": "minute", "HOUR": "hour"}
 US_OF_NS = "((ns - ((ns % 1000) + 1000) % 1000) // 1000)"  # floored: DuckDB's // and % truncate toward zero
 
@@ -92,7 +96,9 @@ class Reference:
         self.con.close()
 
     def bound_ns(self, text: str, tz: str) -> int:
-        """A bound as UTC nanoseconds (microsecond precision, as the query API keeps)."""
+        """A bound as UTC nanoseconds. docs/cli.md: fractions are kept to the microsecond (digits beyond are
+        dropped, not rounded; DuckDB's cast would round them)."""
+        text = _BEYOND_US.sub(r"\1", text)
         if _DAY.fullmatch(text):
             sql = f"SELECT epoch_us(timezone({_sql_text(tz)}, CAST({_sql_text(text)} AS DATE)::TIMESTAMP))"
         else:
@@ -190,3 +196,41 @@ def assert_windows_disjoint(df: pl.DataFrame, where: str) -> None:
     same_group = pl.all_horizontal([pl.col(k).eq_missing(pl.col(k).shift(-1)) for k in keys] or [pl.lit(True)])
     bad = ordered.filter(same_group & (following < pl.col("window_end")))
     assert bad.is_empty(), f"{where}: overlapping windows\n{bad}"
+
+
+def rfc3339_in(us: int, tz: str) -> str:
+    """An instant (UTC microseconds) as RFC 3339 in `tz`, as Go writes it: `Z` for a zero offset, the fraction only
+    when there is one."""
+    when = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+    local = when.astimezone(zoneinfo.ZoneInfo(tz))
+    text = local.strftime("%Y-%m-%dT%H:%M:%S") + (f".{local.microsecond:06d}" if local.microsecond else "")
+    offset = local.utcoffset()
+    assert offset is not None
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    return text + ("Z" if minutes == 0 else f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}")
+
+
+def openmeter_body(expected: pl.DataFrame, q: RefQuery, lo_ns: int, hi_ns: int) -> dict:
+    """OpenMeter's v1 response body (research §5.2) for the reference rows; `data` sorted (no order is promised)."""
+    keys = [c for c in expected.columns if c not in ("window_start", "window_end", "value", "subject")]
+    data = [
+        {
+            "value": row["value"],
+            "windowStart": rfc3339_in(_us(row["window_start"]), q.tz),
+            "windowEnd": rfc3339_in(_us(row["window_end"]), q.tz),
+            "subject": row.get("subject"),
+            "groupBy": {k: row[k] for k in keys},
+        }
+        for row in expected.iter_rows(named=True)
+    ]
+    body: dict = {"from": rfc3339_in(lo_ns // US, q.tz), "to": rfc3339_in(hi_ns // US, q.tz)}
+    if q.window:
+        body["windowSize"] = q.window
+    body["windowTimeZone"] = q.tz
+    body["data"] = sorted(data, key=lambda d: json.dumps(d, sort_keys=True))
+    return body
+
+
+def _us(value: dt.datetime) -> int:
+    return (value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)

@@ -27,9 +27,10 @@ import pytest
 
 from flows import pipeline, tools
 from meters import parse_meters
+from transforms.query import to_openmeter
 
 from reference import Batch
-from reference_query import Reference, RefQuery, assert_query_matches, assert_windows_disjoint
+from reference_query import Reference, RefQuery, assert_query_matches, assert_windows_disjoint, openmeter_body
 from support import land, local_root
 
 NS = 1_000_000_000
@@ -197,7 +198,7 @@ def random_bound(rng: random.Random, ns: int, tz: str) -> str:
         aligned = local.replace(minute=0 if rng.random() < 0.6 else local.minute, second=0, microsecond=0)
         written = aligned if rng.random() < 0.5 else aligned.astimezone(dt.UTC)
         return written.isoformat().replace("+00:00", "Z")
-    return rfc3339(ns - ns % 1000, rng.choice(OFFSETS), rng.choice((0, 6)))  # seconds or microseconds
+    return rfc3339(ns, rng.choice(OFFSETS), rng.choice((0, 6, 9)))  # seconds, micro- or nanoseconds
 
 
 def random_query(rng: random.Random, times: list[int]) -> RefQuery:
@@ -211,7 +212,7 @@ def random_query(rng: random.Random, times: list[int]) -> RefQuery:
     if rng.random() < 0.15:  # across clusters
         a, b = sorted(rng.sample(BOUNDARIES, 2))
     elif rng.random() < 0.3:  # on (or a microsecond off) the times of events
-        a, b = sorted(t - t % 1000 + rng.choice((0, 0, -1000, 1000)) for t in rng.sample(times, 2))
+        a, b = sorted(t + rng.choice((0, 0, -1, 1, -1000, 1000)) for t in rng.sample(times, 2))
     else:
         a, b = sorted((lo + rng.randint(0, span), lo + rng.randint(0, span)))
     if window == "MINUTE":
@@ -257,21 +258,22 @@ def test_query_equals_duckdb_reference(tmp_path: Path, seed: int) -> None:
             if ref.bound_ns(q.from_, q.tz) >= ref.bound_ns(q.to, q.tz):
                 continue
             where = f"seed {seed} query {i}: {q}"
-            actual = tools.query(
-                storage,
-                meterset,
-                q.slug,
-                q.from_,
-                q.to,
-                window=q.window,
-                tz=q.tz,
-                subjects=q.subjects or None,
-                group_by=q.group_by or None,
-                filters=q.filters or None,
-            )
+            asked = {
+                "window": q.window,
+                "tz": q.tz,
+                "subjects": q.subjects or None,
+                "group_by": q.group_by or None,
+                "filters": q.filters or None,
+            }
+            actual = tools.query(storage, meterset, q.slug, q.from_, q.to, **asked)
             expected = ref.query(q)
             assert_windows_disjoint(actual, where)
             assert_query_matches(actual, expected, where)
+            # the JSON body of `meterlake query -f json` (OpenMeter's v1 response), rows in any order
+            body = to_openmeter(actual, tools.plan_query(meterset, q.slug, q.from_, q.to, **asked)[1])
+            body["data"] = sorted(body["data"], key=lambda d: json.dumps(d, sort_keys=True))
+            lo, hi = ref.bound_ns(q.from_, q.tz), ref.bound_ns(q.to, q.tz)
+            assert body == openmeter_body(expected, q, lo, hi), where
             compared += 1
             rows += expected.height
     finally:
