@@ -39,6 +39,20 @@ _BEYOND_US = re.compile(r"(\.\d{6})\d+")
 UNITS = {"MINUTE": "minute", "HOUR": "hour"}
 US_OF_NS = "((ns - ((ns % 1000) + 1000) % 1000) // 1000)"  # floored: DuckDB's // and % truncate toward zero
 
+# The first instant (UTC microseconds) of local date `d` in zone `z` (docs/design.md: a day starts once, at its
+# first midnight). ICU resolves a local time that occurs twice (America/Havana falls back from 01:00 to 00:00) to
+# the later instant: look for the same wall clock half an hour and an hour before. A skipped midnight (Havana
+# springs forward from 00:00 to 01:00) comes out as the first instant of the day, as wanted.
+MIDNIGHT_SQL = """
+CREATE MACRO ambiguous_us(z, d, us) AS
+    CASE
+        WHEN timezone(z, make_timestamp(us - 3600000000)::TIMESTAMPTZ) = d::TIMESTAMP THEN us - 3600000000
+        WHEN timezone(z, make_timestamp(us - 1800000000)::TIMESTAMPTZ) = d::TIMESTAMP THEN us - 1800000000
+        ELSE us
+    END;
+CREATE MACRO midnight_us(z, d) AS ambiguous_us(z, d, epoch_us(timezone(z, d::TIMESTAMP)));
+"""
+
 
 @dataclass
 class RefQuery:
@@ -72,6 +86,7 @@ class Reference:
         self.con.register("rec_in", rec)
         self.con.execute("CREATE TABLE rec AS SELECT ord, file, line, j::JSON AS j FROM rec_in")
         self.con.execute(VALIDATE_SQL)
+        self.con.execute(MIDNIGHT_SQL)
         self.changes: dict[str, str] = {}
 
     def _changes(self, tz: str) -> str:
@@ -100,7 +115,7 @@ class Reference:
         dropped, not rounded; DuckDB's cast would round them)."""
         text = _BEYOND_US.sub(r"\1", text)
         if _DAY.fullmatch(text):
-            sql = f"SELECT epoch_us(timezone({_sql_text(tz)}, CAST({_sql_text(text)} AS DATE)::TIMESTAMP))"
+            sql = f"SELECT midnight_us({_sql_text(tz)}, CAST({_sql_text(text)} AS DATE))"
         else:
             sql = f"SELECT epoch_us(CAST({_sql_text(text)} AS TIMESTAMPTZ))"
         return self.con.execute(sql).fetchall()[0][0] * US
@@ -138,8 +153,8 @@ class Reference:
         else:
             first = f"CAST({local} AS DATE)" if q.window == "DAY" else f"date_trunc('month', CAST({local} AS DATE))"
             step = "INTERVAL 1 DAY" if q.window == "DAY" else "INTERVAL 1 MONTH"
-            ws = f"epoch_us(timezone({tz}, ({first})::TIMESTAMP))"
-            we = f"epoch_us(timezone({tz}, (({first}) + {step})::TIMESTAMP))"
+            ws = f"midnight_us({tz}, {first})"
+            we = f"midnight_us({tz}, CAST(({first}) + {step} AS DATE))"
         select_keys = "".join(f", {col[k]} AS {k}" for k in keys)
         sql = f"""
             WITH x AS ({_extract_sql(meter)}),

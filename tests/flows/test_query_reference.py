@@ -2,8 +2,8 @@
 on random events and random queries.
 
 The events (seeded) sit over a few days around DST changes in America/New_York, Europe/London,
-Australia/Lord_Howe (a 30-minute change) and right on the local midnights and hours of Asia/Kathmandu (+05:45),
-with nanosecond fractions, several offsets, values that are excluded, group values that are missing, null,
+Australia/Lord_Howe (a 30-minute change), America/Havana (changes at midnight) and right on the local midnights
+and hours of Asia/Kathmandu (+05:45), with nanosecond fractions, several offsets, values that are excluded, group values that are missing, null,
 numbers, booleans and objects. The queries draw every aggregation, every window size or none, a zone, bounds that
 are dates, aligned times or arbitrary ones (in any offset), subject filters, group-by keys and filterGroupBy.
 
@@ -69,16 +69,16 @@ FILTER_VALUES = {
     "spec": ('{"gpu":"A100"}', "[1,2]", "x"),
 }
 SUBJECTS = ("c1", "c2", "acme", "é")
-ZONES = ("UTC", "America/New_York", "Europe/London", "Australia/Lord_Howe", "Asia/Kathmandu")
+ZONES = ("UTC", "America/New_York", "Europe/London", "Australia/Lord_Howe", "Asia/Kathmandu", "America/Havana")
 OFFSETS = ("Z", "+00:00", "-04:00", "-05:00", "+01:00", "+10:30", "+11:00", "+05:45", "-03:30")
 # (UTC day, days): each holds a DST change of one of the zones (Kathmandu has none: its :15/:45 hours are the test)
 CLUSTERS = (
-    (dt.date(2024, 3, 9), 3),  # New York springs forward 03-10 02:00
+    (dt.date(2024, 3, 9), 3),  # New York springs forward 03-10 02:00, Havana 03-10 00:00 (no midnight)
     (dt.date(2024, 3, 30), 2),  # London 03-31 01:00
     (dt.date(2024, 4, 6), 2),  # Lord Howe falls back 04-07 02:00 -> 01:30 (+11:00 -> +10:30)
     (dt.date(2024, 10, 5), 2),  # Lord Howe springs forward 10-06 02:00 -> 02:30
     (dt.date(2024, 10, 26), 2),  # London 10-27 02:00 -> 01:00
-    (dt.date(2024, 11, 2), 3),  # New York 11-03 02:00 -> 01:00
+    (dt.date(2024, 11, 2), 3),  # New York 11-03 02:00 -> 01:00, Havana 01:00 -> 00:00 (midnight twice)
 )
 
 
@@ -102,11 +102,13 @@ def _boundaries() -> list[int]:
 
 BOUNDARIES = _boundaries()
 CHANGES = [  # the DST changes themselves (UTC ns)
+    _utc_ns(dt.datetime(2024, 3, 10, 5, tzinfo=dt.UTC)),
     _utc_ns(dt.datetime(2024, 3, 10, 7, tzinfo=dt.UTC)),
     _utc_ns(dt.datetime(2024, 3, 31, 1, tzinfo=dt.UTC)),
     _utc_ns(dt.datetime(2024, 4, 6, 15, tzinfo=dt.UTC)),
     _utc_ns(dt.datetime(2024, 10, 5, 15, 30, tzinfo=dt.UTC)),
     _utc_ns(dt.datetime(2024, 10, 27, 1, tzinfo=dt.UTC)),
+    _utc_ns(dt.datetime(2024, 11, 3, 5, tzinfo=dt.UTC)),
     _utc_ns(dt.datetime(2024, 11, 3, 6, tzinfo=dt.UTC)),
 ]
 
