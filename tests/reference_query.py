@@ -151,7 +151,11 @@ class Reference:
             end = f"{wall} + {length}"
             we = f"least({end}, coalesce((SELECT min(c.us) FROM {changes} c WHERE c.us > {US_OF_NS}), {end}))"
         else:
-            first = f"CAST({local} AS DATE)" if q.window == "DAY" else f"date_trunc('month', CAST({local} AS DATE))"
+            # the local date: the day whose first midnight the event follows last (a clock that falls back across
+            # midnight, America/St_Johns 1987-2011, shows the day before again after the day began)
+            shown = f"CAST({local} AS DATE)"
+            day = f"(CASE WHEN midnight_us({tz}, CAST({shown} + 1 AS DATE)) <= {US_OF_NS} THEN {shown} + 1 ELSE {shown} END)"
+            first = day if q.window == "DAY" else f"date_trunc('month', {day})"
             step = "INTERVAL 1 DAY" if q.window == "DAY" else "INTERVAL 1 MONTH"
             ws = f"midnight_us({tz}, {first})"
             we = f"midnight_us({tz}, CAST(({first}) + {step} AS DATE))"
