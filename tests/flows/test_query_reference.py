@@ -252,7 +252,7 @@ def test_query_equals_duckdb_reference(tmp_path: Path, seed: int) -> None:
     pipeline.run(storage, meterset, log=lambda _: None)
     ref = Reference([Batch("landing/b.jsonl", events)], METERS)
     rng = random.Random(seed * 7919)
-    count = int(os.environ.get("METERLAKE_QUERY_COUNT", "120"))
+    count = int(os.environ.get("METERLAKE_QUERY_COUNT", "100"))
     compared = rows = 0
     try:
         for i in range(count):
