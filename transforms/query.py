@@ -195,6 +195,8 @@ def _wall_clock_windows(events: pl.DataFrame, tz: str, every: str) -> pl.DataFra
     out = events.with_columns(_t=time, _off=offset, window_start=start).with_columns(
         window_end=pl.col("window_start").dt.offset_by(every)
     )
+    if _one_offset(out["_t"], tz):  # UTC, or no change in the range: the checks below cost ~30% per event
+        return out.drop("_t", "_off")
     out = out.with_columns(
         _cut_start=_offset(pl.col("window_start"), tz) != pl.col("_off"),
         _cut_end=_offset(pl.col("window_end") - pl.duration(microseconds=1), tz) != pl.col("_off"),
@@ -209,6 +211,20 @@ def _wall_clock_windows(events: pl.DataFrame, tz: str, every: str) -> pl.DataFra
             bounds = out[column].clone().scatter(at, _offset_change(rows[lo], rows[hi], tz))
             out = out.with_columns(bounds.alias(column))
     return out.drop("_t", "_off", "_cut_start", "_cut_end")
+
+
+def _one_offset(times: pl.Series, tz: str) -> bool:
+    """Whether the zone keeps one UTC offset from an hour before the first event to an hour after the last: then no
+    window holds a change. Sampled every 30 minutes (no zone changes its offset twice within that); a range of
+    more than ten years is not sampled (False: the full check)."""
+    if times.is_empty() or tz == "UTC":
+        return True
+    first, last = times.min(), times.max()
+    if last - first > dt.timedelta(days=3653):  # type: ignore[operator]
+        return False
+    hour = dt.timedelta(hours=1)
+    grid = pl.datetime_range(first - hour, last + hour, "30m", eager=True, time_zone="UTC")  # type: ignore[operator]
+    return grid.to_frame("t").select(_offset(pl.col("t"), tz).n_unique()).item() == 1
 
 
 def _calendar_table(days: list[dt.date], size: str, tz: str) -> pl.DataFrame:

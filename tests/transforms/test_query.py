@@ -247,6 +247,21 @@ def test_hour_windows_across_a_half_hour_dst_change_do_not_overlap(day, times, w
     assert df["value"].to_list() == [1.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize(("time", "window"), [("15:40", ("15:30", "16:00")), ("15:20", ("14:30", "15:30"))])
+def test_one_event_beside_a_half_hour_dst_change_has_its_window_cut(time, window):
+    """One event (a single UTC offset among the events) still has its window cut at a change inside its hour: the
+    query's shortcut for ranges without a change looks an hour either side of the events, not at their offsets."""
+    frame = events([("c", dt.datetime.fromisoformat(f"2024-10-05T{time}:00+00:00"), {"duration_ms": 1})])
+    df = q(
+        "duration", "2024-10-05T12:00:00Z", "2024-10-05T18:00:00Z", window="HOUR", tz="Australia/Lord_Howe", frame=frame
+    )
+    got = [
+        (s.astimezone(UTC).strftime("%H:%M"), e.astimezone(UTC).strftime("%H:%M"))
+        for s, e in zip(df["window_start"], df["window_end"], strict=True)
+    ]
+    assert got == [window]
+
+
 def test_month_windows_follow_the_zone():
     frame = events([("c", dt.datetime(2024, 1, 31, 23, 30, tzinfo=UTC), {"duration_ms": 5})])  # Feb 1 local
     df = q("duration", "2024-01-01", "2024-03-01", window="MONTH", tz="Europe/Berlin", frame=frame)
