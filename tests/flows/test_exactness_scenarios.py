@@ -12,14 +12,23 @@ the seeds use tiny ingest chunks, recompute slices and period reads (one batch, 
 Events fall on billing-period, UTC hour and day boundaries (to the nanosecond), DST transitions of the billing zone
 (Lord Howe's half-hour one included), the first and last representable years, share (source, id) across batches
 and dates, and tie on time for LATEST; values and group-by values are numbers, numeric strings, non-numbers, null,
-missing, booleans and objects; every aggregation, with and without groupBy.
+missing, booleans and objects; every aggregation, with and without groupBy. A second random stream (`extra`: a seed
+plays the operations it played before that stream existed, though a kill at the n-th storage write may now fall
+elsewhere) adds: meters fixed for the whole scenario
+(more meters on one type, nested paths, an array index, a key with a space, `eventFrom` on DST instants with
+events 1 ns either side, UNIQUE_COUNT and group-by over floats, booleans, "", escaped and non-ASCII text, missing
+keys), float values, Parquet batches whose `time` is a timestamp column, and JSONL lines written unescaped in UTF-8,
+some with a key of `data` written twice.
 
 After every operation, each table of every meter `status` reports current equals a from-scratch run (on a fresh
 root, default limits) over every batch version a run has read, and events/ holds as many rows; at the end, after
-the recommended backfills, every table also equals the DuckDB reference. A re-ingest rebuilds its range's dates
-from the files landed at that moment, so the model drops the events in that range of versions no longer landed.
+the recommended backfills, every table also equals the DuckDB reference, and `meterlake query` (computed from the
+curated events) gives each meter's hourly table (UTC HOUR windows) and a few of its billing periods (unwindowed,
+grouped by subject and every key). A re-ingest rebuilds its range's dates from the files landed at that moment, so
+the model drops the events in that range of versions no longer landed.
 
-The committed seeds each met a real defect (a batch landed again after a re-ingest was skipped). Explore more with
+The committed seeds each met a real defect before the `extra` stream (a batch landed again after a re-ingest was
+skipped). Explore more with
 METERLAKE_FUZZ_SEEDS=1-200 (or 3,7,9) and METERLAKE_FUZZ_STEPS=20.
 """
 
@@ -93,9 +102,26 @@ VARIANTS = {
     "all_count": "{slug: all_count, eventType: other, aggregation: COUNT}",
 }
 
+# Meters some seeds also have, for the whole scenario (drawn from the `extra` stream, never changed): more meters on
+# one type, nested paths, a key with a space, an array index, an `eventFrom` on a DST instant (events 1 ns either
+# side), UNIQUE_COUNT and group-by over values that are floats, booleans, objects, "" or missing.
+EXTRA_LINES = {
+    "sizes": "{slug: sizes, eventType: api, aggregation: SUM, valueProperty: $.sizes.in, "
+    "groupBy: {tag: '$.tags[1]', flag: \"$['fl ag']\"}}",
+    "since": "{slug: since, eventType: prompt, aggregation: COUNT, eventFrom: '2024-03-10T07:00:00Z', "
+    "groupBy: {model: $.model}}",
+    "since_sum": "{slug: since_sum, eventType: prompt, aggregation: SUM, valueProperty: $.tokens, "
+    "eventFrom: '2024-10-27T01:00:00.000001+00:00'}",
+    "models": "{slug: models, eventType: prompt, aggregation: UNIQUE_COUNT, valueProperty: $.model, "
+    "groupBy: {region: $.region}}",
+    "peak_tokens": "{slug: peak_tokens, eventType: prompt, aggregation: MAX, valueProperty: $.tokens, "
+    "groupBy: {kind: $.kind, user: $.user}}",
+}
 
-def meters_yaml(billing: str, lines: dict[str, str]) -> str:
-    return billing + "meters:\n" + "".join(f"  - {line}\n" for line in lines.values())
+
+def meters_yaml(billing: str, lines: dict[str, str], extra: dict[str, str] | None = None) -> str:
+    every = {**(extra or {}), **lines}
+    return billing + "meters:\n" + "".join(f"  - {line}\n" for line in every.values())
 
 
 def changed_meters(rng: Random, billing: str, lines: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -167,6 +193,11 @@ _TIME = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?
 
 def utc_day(record: object) -> str | None:
     """The UTC date of a generated record's time (None for records that are not valid events)."""
+    if isinstance(record, str):  # a raw JSONL line
+        try:
+            record = json.loads(record)
+        except ValueError:
+            return None
     if not isinstance(record, dict) or not isinstance(record.get("time"), str):
         return None
     m = _TIME.match(record["time"])
@@ -180,6 +211,17 @@ def utc_day(record: object) -> str | None:
     return when.date().isoformat()
 
 
+def utc_ns(text: str) -> int:
+    m = _TIME.match(text)
+    assert m, text
+    y, mo, d, h, mi, sec = (int(g) for g in m.groups()[:6])
+    ns = _ns(y, mo, d, h, mi, sec) + int((m.group(7) or "").ljust(9, "0"))
+    if m.group(8) != "Z":
+        sign = 1 if m.group(8)[0] == "+" else -1
+        ns -= sign * (int(m.group(8)[1:3]) * 60 + int(m.group(8)[4:6])) * 60 * NS
+    return ns
+
+
 # --- landing history and the model ----------------------------------------------------------------------------
 @dataclass
 class Version:
@@ -188,6 +230,7 @@ class Version:
     mtime: float
     ingested: bool = False
     dropped: list[tuple[str, str]] = field(default_factory=list)  # UTC date ranges a re-ingest rebuilt without it
+    timestamps: bool = False  # Parquet: `time` as a timestamp column, not RFC 3339 text
 
     def kept(self) -> list:
         return [r for r in self.records if not any(lo <= (utc_day(r) or "") < hi for lo, hi in self.dropped)]
@@ -195,7 +238,7 @@ class Version:
     def content(self, records: list | None = None) -> bytes:
         records = self.records if records is None else records
         if self.path.endswith(".parquet"):
-            return parquet_bytes(parquet_frame(records))
+            return parquet_bytes(parquet_frame(records, self.timestamps))
         text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
         return gzip.compress(text, mtime=0) if self.path.endswith(".gz") else text
 
@@ -203,9 +246,11 @@ class Version:
 ENVELOPE = ("specversion", "id", "source", "type", "subject", "time")
 
 
-def parquet_frame(records: list) -> pl.DataFrame:
+def parquet_frame(records: list, timestamps: bool = False) -> pl.DataFrame:
     rows = [r for r in records if isinstance(r, dict)]
     cols = {k: pl.Series(k, [r.get(k) for r in rows], pl.String) for k in ENVELOPE}
+    if timestamps:  # the same instants, to the nanosecond (Parquet rows hold only valid times)
+        cols["time"] = pl.Series("time", [utc_ns(r["time"]) for r in rows], pl.Int64).cast(pl.Datetime("ns", "UTC"))
     data = [None if r.get("data") is None else json.dumps(r["data"]) for r in rows]
     return pl.DataFrame([*cols.values(), pl.Series("data", data, pl.String)])
 
@@ -214,6 +259,7 @@ def parquet_frame(records: list) -> pl.DataFrame:
 class World:
     rng: Random
     storage: Storage
+    extra: Random = field(default_factory=lambda: Random(0))  # content the first fuzzer did not generate
     versions: list[Version] = field(default_factory=list)
     current: dict[str, Version] = field(default_factory=dict)
     sent: list[dict] = field(default_factory=list)
@@ -243,6 +289,7 @@ class World:
                 "ms": rng.choice((rng.randint(1, 999), -rng.randint(1, 9), "2.5", "bad")),
                 "bytes": str(rng.randint(1, 10**6)),
             }
+        self.more(data)
         e = {
             "specversion": "1.0",
             "id": f"e{self.counter}" if rng.random() < 0.8 else f"e{rng.randint(1, 6)}",  # ids shared across batches
@@ -257,6 +304,40 @@ class World:
         self.sent.append(e)
         return e
 
+    def more(self, data: dict) -> None:
+        """Values the first fuzzer never sent (from the `extra` stream, so the seeds' operations stay the same):
+        floats (text `1` for `1.0`), booleans, "", non-ASCII and escaped text, missing keys, nested objects and
+        arrays for the extra meters' paths."""
+        x = self.extra
+        if x.random() < 0.3:
+            odd = (2.5, 1.0, 1000.0, 0.125, True, False, "", "é", 'a"b', "a\\b", "tab\t", "🙂", 3.0, "3", 3)
+            for key in ("model", "region", "user", "route"):
+                if key in data and x.random() < 0.5:
+                    data[key] = x.choice(odd)
+            if "tokens" in data and x.random() < 0.5:
+                data["tokens"] = x.choice((12.5, 0.1, 1000.0, -2.25, 1e-7, 3e20, "0.5", "-1e-3"))
+            for key in ("model", "region", "user", "route", "kind"):
+                if key in data and x.random() < 0.1:
+                    del data[key]
+        if x.random() < 0.5:
+            data["sizes"] = x.choice(({"in": x.randint(1, 99)}, {"in": str(x.randint(1, 9))}, {"out": 1}, {}, None, 7))
+            data["tags"] = x.choice((["t0", "t1"], ["t0", 1.5], ["t0"], [], [None, False], "t"))
+            data["fl ag"] = x.choice(("on", "off", True, 0, None))
+            if "user" not in data and x.random() < 0.5:  # peak_tokens groups prompts by user too
+                data["user"] = x.choice(("u1", 2, 2.0))
+
+    def raw(self, record: dict) -> str:
+        """A JSONL line as a producer may write it: UTF-8 unescaped, sometimes a key of `data` written twice
+        (the last one counts, as in OpenMeter)."""
+        line = json.dumps(record, ensure_ascii=False)
+        data = record.get("data")
+        if isinstance(data, dict) and data and self.extra.random() < 0.5:
+            key = self.extra.choice(sorted(data))
+            text = json.dumps(data, ensure_ascii=False)
+            twice = "{" + json.dumps(key) + ": 999999, " + text[1:]
+            line = line.replace('"data": ' + text, '"data": ' + twice)
+        return line
+
     def records(self, n: int, malformed: bool) -> list:
         rng = self.rng
         out: list = []
@@ -268,13 +349,15 @@ class World:
             bad = dict(self.event())
             bad["time"] = "yesterday"
             out.append(bad)
+            out = [self.raw(r) if isinstance(r, dict) and self.extra.random() < 0.15 else r for r in out]
         rng.shuffle(out)
         return out
 
     # landing operations
-    def _land(self, path: str, records: list) -> None:
+    def _land(self, path: str, records: list, like: Version | None = None) -> None:
         self.clock += 10
         v = Version(path, records, self.clock)
+        v.timestamps = like.timestamps if like is not None else self.extra.random() < 0.5
         self.versions.append(v)
         self.current[path] = v
         land(self.storage, path, v.content(), mtime=v.mtime)
@@ -307,7 +390,7 @@ class World:
     def op_touch(self, k: int) -> None:
         if self.current:
             v = self.rng.choice(list(self.current.values()))
-            self._land(v.path, v.records)
+            self._land(v.path, v.records, like=v)
 
     def op_restore(self, k: int) -> None:  # an older version's very bytes landed again at its path
         old = [v for v in self.versions if self.current.get(v.path) is not v]
@@ -315,7 +398,7 @@ class World:
         old = dropped if dropped and self.rng.random() < 0.7 else old
         if old:
             v = self.rng.choice(old)
-            self._land(v.path, v.records)
+            self._land(v.path, v.records, like=v)
 
     def op_delete(self, k: int) -> None:
         if self.current:
@@ -501,6 +584,30 @@ def check(world: World, tmp: Path, meters: MeterSet, where: str, n: int) -> None
     assert event_rows(storage) == event_rows(fresh), f"{where}: events/ differs"
 
 
+def query_matches_tables(storage: Storage, meters: MeterSet, rng: Random, where: str) -> None:
+    """`meterlake query` (from the curated events) against the published tables: UTC HOUR windows over every
+    event give the hourly table, and an unwindowed query over a billing period, grouped by subject and every key,
+    gives that period's rows (a few periods per meter: each is a query)."""
+    for meter in meters.meters:
+        keys = ["subject", *meter.group_paths]
+        columns = [*keys, "window_start", "window_end", "value"]
+        hourly = table(storage, meter.slug, "hourly")
+        got = tools.query(storage, meters, meter.slug, "1678-01-01", "2262-01-01", window="HOUR", group_by=keys)
+        exp = hourly.select(columns) if not hourly.is_empty() else hourly
+        assert_tables_match(got.select(columns), exp, f"{where}: query HOUR {meter.slug}")
+        period = table(storage, meter.slug, "period")
+        if period.is_empty():
+            continue
+        windows = period.select("window_start", "window_end").unique().sort("window_start").rows()
+        for start, end in rng.sample(windows, min(3, len(windows))):
+            if start.year < 1679 or end.year > 2260:  # a bound's wall clock in the zone may fall outside the years
+                continue
+            got = tools.query(storage, meters, meter.slug, start, end, group_by=keys)
+            exp = period.filter(pl.col("window_start") == start).select(columns)
+            got = got.with_columns(pl.col("window_start", "window_end").dt.convert_time_zone("UTC"))
+            assert_tables_match(got.select(columns), exp, f"{where}: query {meter.slug} [{start}, {end})")
+
+
 def recommended_backfill(storage: Storage, meters: MeterSet) -> tuple[tuple[dt.date, dt.date], list[str]] | None:
     """What `meterlake status` prints for the stale meters (flows/cli.py _rebuild_words)."""
     st = tools.status(storage, meters)
@@ -547,9 +654,10 @@ LANDINGS = ["new", "new", "new", "copy", "reland", "reland", "delete", "restore"
 def scenario(seed: int, tmp: Path, killer: Killer, steps: int = STEPS) -> list[str]:
     rng = Random(seed)
     storage = local_root(tmp, "incremental")
-    world = World(rng, storage)
+    world = World(rng, storage, extra=Random(f"extra {seed}"))
     billing, lines = rng.choice(BILLINGS), dict(METER_LINES)
-    yaml_text = meters_yaml(billing, lines)
+    extra = {slug: line for slug, line in EXTRA_LINES.items() if world.extra.random() < 0.5}
+    yaml_text = meters_yaml(billing, lines, extra)
     meters = parse_meters(yaml_text)
     log: list[str] = []
     quiet = {"log": lambda _: None}
@@ -574,7 +682,7 @@ def scenario(seed: int, tmp: Path, killer: Killer, steps: int = STEPS) -> list[s
                              "meters"]) if k else "run"  # fmt: skip
         if action == "meters":
             billing, lines = changed_meters(rng, billing, lines)
-            yaml_text = meters_yaml(billing, lines)
+            yaml_text = meters_yaml(billing, lines, extra)
             meters = parse_meters(yaml_text)
             log.append(f"meters {sorted(lines)} {billing.strip()}")
             action = rng.choice(["run", "recommended"])
@@ -620,7 +728,7 @@ def scenario(seed: int, tmp: Path, killer: Killer, steps: int = STEPS) -> list[s
                 op = "run"
             if rng.random() < 0.25:  # the meters file edited before the restart
                 billing, lines = changed_meters(rng, billing, lines)
-                yaml_text = meters_yaml(billing, lines)
+                yaml_text = meters_yaml(billing, lines, extra)
                 meters = parse_meters(yaml_text)
                 log.append(f"meters {sorted(lines)} {billing.strip()}")
             restart = rng.choice(["run", "backfill", "reingest"])  # recovery by a backfill, then a run
@@ -650,6 +758,7 @@ def scenario(seed: int, tmp: Path, killer: Killer, steps: int = STEPS) -> list[s
     for key, exp in expected.tables.items():
         assert_tables_match(got[key], exp, f"seed {seed} reference {key}: {log}")
     assert event_rows(storage) == expected.events, f"seed {seed}: events/ differs from the reference"
+    query_matches_tables(storage, meters, rng, f"seed {seed} final: {log}")
     return log
 
 
