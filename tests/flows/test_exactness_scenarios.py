@@ -586,7 +586,8 @@ def check(world: World, tmp: Path, meters: MeterSet, where: str, n: int) -> None
 
 def query_matches_tables(storage: Storage, meters: MeterSet, rng: Random, where: str) -> None:
     """`meterlake query` (from the curated events) against the published tables: UTC HOUR windows over every
-    event give the hourly table, and an unwindowed query over a billing period, grouped by subject and every key,
+    event give the hourly table; DAY or MONTH windows in the billing zone give the period table when periods are
+    days or months from the 1st; an unwindowed query over a billing period, grouped by subject and every key,
     gives that period's rows (a few periods per meter: each is a query)."""
     for meter in meters.meters:
         keys = ["subject", *meter.group_paths]
@@ -598,6 +599,15 @@ def query_matches_tables(storage: Storage, meters: MeterSet, rng: Random, where:
         period = table(storage, meter.slug, "period")
         if period.is_empty():
             continue
+        billing = meters.billing
+        size = {"DAY": "DAY", "MONTH": "MONTH" if billing.anchor_day == 1 else None}.get(billing.period)
+        if size:  # the billing periods are the query's calendar windows in the billing zone (no event near 1800, 2100)
+            got = tools.query(storage, meters, meter.slug, "1800-01-01", "2100-01-01", window=size,
+                              tz=billing.timezone, group_by=keys)  # fmt: skip
+            got = got.with_columns(pl.col("window_start", "window_end").dt.convert_time_zone("UTC"))
+            inside = pl.col("window_start").dt.year().is_between(1800, 2099)
+            exp = period.filter(inside).select(columns)
+            assert_tables_match(got.select(columns), exp, f"{where}: query {size} {meter.slug}")
         windows = period.select("window_start", "window_end").unique().sort("window_start").rows()
         for start, end in rng.sample(windows, min(3, len(windows))):
             if start.year < 1679 or end.year > 2260:  # a bound's wall clock in the zone may fall outside the years
