@@ -330,9 +330,9 @@ def _records(batches: list[Batch]) -> tuple[list[tuple[int, str, int, str]], lis
     return rows, malformed
 
 
-def compute(batches: list[Batch], meters_yaml: str) -> Expected:
-    billing, meters = read_meters(meters_yaml)
-    rows, malformed = _records(batches)
+def events_connection(rows: list[tuple]) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection holding the records (`_records`) as table `rec` and the curated events as `ev`
+    (VALIDATE_SQL), with the NUMBER_TEXT macro: what the table and the query references both start from."""
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute(NUMBER_TEXT)
@@ -347,6 +347,13 @@ def compute(batches: list[Batch], meters_yaml: str) -> Expected:
     con.register("rec_in", rec)
     con.execute("CREATE TABLE rec AS SELECT ord, file, line, j::JSON AS j FROM rec_in")
     con.execute(VALIDATE_SQL)
+    return con
+
+
+def compute(batches: list[Batch], meters_yaml: str) -> Expected:
+    billing, meters = read_meters(meters_yaml)
+    rows, malformed = _records(batches)
+    con = events_connection(rows)
 
     lo, hi = con.execute("SELECT min(ns), max(ns) FROM ev").fetchall()[0]
     starts = (

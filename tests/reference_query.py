@@ -27,11 +27,18 @@ import re
 import zoneinfo
 from dataclasses import dataclass, field
 
-import duckdb
 import polars as pl
-import pyarrow as pa
 
-from reference import VALIDATE_SQL, Batch, RefMeter, _agg_sql, _extract_sql, _records, _sql_text, read_meters
+from reference import (
+    Batch,
+    RefMeter,
+    _agg_sql,
+    _extract_sql,
+    _records,
+    _sql_text,
+    events_connection,
+    read_meters,
+)
 
 US = 1000  # ns per microsecond
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -73,19 +80,7 @@ class Reference:
         _, meters = read_meters(meters_yaml)
         self.meters = {m.slug: m for m in meters}
         rows, _ = _records(batches)
-        self.con = duckdb.connect()
-        self.con.execute("SET TimeZone = 'UTC'")
-        rec = pa.table(
-            {
-                "ord": pa.array([r[0] for r in rows], pa.int64()),
-                "file": pa.array([r[1] for r in rows], pa.string()),
-                "line": pa.array([r[2] for r in rows], pa.int64()),
-                "j": pa.array([r[3] for r in rows], pa.string()),
-            }
-        )
-        self.con.register("rec_in", rec)
-        self.con.execute("CREATE TABLE rec AS SELECT ord, file, line, j::JSON AS j FROM rec_in")
-        self.con.execute(VALIDATE_SQL)
+        self.con = events_connection(rows)
         self.con.execute(MIDNIGHT_SQL)
         self.changes: dict[str, str] = {}
 
