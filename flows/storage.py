@@ -575,9 +575,8 @@ class Storage:
             rel_folder = self._rel(folder) if folder != self.base else ""
             real_folder = os.path.realpath(folder)
             outside = not _is_within(real_folder, real_top)  # in a linked folder: its files' paths are not their own
+            # no folder is pruned by start_after: the files and links before it decide which later link is listed
             dirs[:] = [d for d in sorted(dirs) if _first_visit(os.path.join(folder, d), inside, seen)]
-            if start_after:  # prune folders whose every path sorts before start_after
-                dirs[:] = [d for d in dirs if not _all_before(_join(rel_folder, d) + "/", start_after)]
             for name in names:
                 rel = _join(rel_folder, name)
                 full = os.path.join(folder, name)
@@ -839,11 +838,6 @@ def _first_visit(path: str, inside: list[str], seen: set[str]) -> bool:
 def _is_within(path: str, folder: str) -> bool:
     """Whether real path `path` is `folder` or inside it."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _all_before(folder_prefix: str, start_after: str) -> bool:
-    """True when every path under `folder_prefix` ('a/b/') sorts at or before `start_after`."""
-    return folder_prefix < start_after and not start_after.startswith(folder_prefix)
 
 
 def _mtime(info: dict[str, Any]) -> float:

@@ -838,3 +838,27 @@ def test_retry_policy_backs_off_exponentially_with_a_cap() -> None:
     for attempt, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (9, 0.5)]:
         delays = [policy.delay(attempt) for _ in range(50)]
         assert all(ceiling * 0.5 <= d <= ceiling for d in delays)
+
+
+def test_list_files_start_after_lists_the_full_listings_later_paths_whatever_links_it_holds(tmp_path) -> None:
+    # The folders a cursor prunes were not walked, so the files and links in them were not known to decide which
+    # link to a file is listed: a link skipped in the full listing (its file reached through a linked folder, or
+    # through a link that sorts first, both before the cursor) came back after it, a batch listed under a new path.
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    (one / "x.jsonl").write_bytes(b"{}\n")
+    (two / "y.jsonl").write_bytes(b"{}\n")
+    root = tmp_path / "root"
+    landing = root / "landing"
+    (landing / "a").mkdir(parents=True)
+    (landing / "a" / "linked").symlink_to(one)
+    (landing / "a" / "p.jsonl").symlink_to(two / "y.jsonl")
+    (landing / "b.jsonl").write_bytes(b"{}\n")
+    (landing / "z1.jsonl").symlink_to(one / "x.jsonl")  # reached through a/linked/
+    (landing / "z2.jsonl").symlink_to(two / "y.jsonl")  # reached through a/p.jsonl, which sorts first
+    storage = Storage(str(root))
+    everything = [f.path for f in storage.list_files("landing")]
+    assert everything == ["landing/a/linked/x.jsonl", "landing/a/p.jsonl", "landing/b.jsonl"]
+    cursor = "landing/b.jsonl"
+    assert [f.path for f in storage.list_files("landing", start_after=cursor)] == [p for p in everything if p > cursor]
