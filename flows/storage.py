@@ -576,7 +576,13 @@ class Storage:
             real_folder = os.path.realpath(folder)
             outside = not _is_within(real_folder, real_top)  # in a linked folder: its files' paths are not their own
             # no folder is pruned by start_after: the files and links before it decide which later link is listed
-            dirs[:] = [d for d in sorted(dirs) if _first_visit(os.path.join(folder, d), inside, seen)]
+            # hidden folders are never listed: not walked either, or a link to a folder under a hidden name that sorts
+            # first (landing/.staging -> /data) would be the one walk of a folder also linked under a listed name
+            dirs[:] = [
+                d
+                for d in sorted(dirs)
+                if not d.startswith(HIDDEN) and _first_visit(os.path.join(folder, d), inside, seen)
+            ]
             for name in names:
                 rel = _join(rel_folder, name)
                 full = os.path.join(folder, name)

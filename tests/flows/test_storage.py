@@ -862,3 +862,16 @@ def test_list_files_start_after_lists_the_full_listings_later_paths_whatever_lin
     assert everything == ["landing/a/linked/x.jsonl", "landing/a/p.jsonl", "landing/b.jsonl"]
     cursor = "landing/b.jsonl"
     assert [f.path for f in storage.list_files("landing", start_after=cursor)] == [p for p in everything if p > cursor]
+
+
+def test_list_files_walks_a_folder_linked_under_a_hidden_name_and_a_listed_one(tmp_path) -> None:
+    # A folder linked twice, under a hidden name that sorts first (landing/.staging, landing/_old) and under a
+    # listed one (landing/prod), was walked once, under the hidden name: its batches were never listed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.jsonl").write_bytes(b"{}\n")
+    root = tmp_path / "root"
+    (root / "landing").mkdir(parents=True)
+    (root / "landing" / ".staging").symlink_to(outside)
+    (root / "landing" / "prod").symlink_to(outside)
+    assert [f.path for f in Storage(str(root)).list_files("landing")] == ["landing/prod/x.jsonl"]
