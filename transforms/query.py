@@ -215,7 +215,7 @@ def _wall_clock_windows(events: pl.DataFrame, tz: str, every: str) -> pl.DataFra
 
 def _one_offset(times: pl.Series, tz: str) -> bool:
     """Whether the zone keeps one UTC offset from an hour before the first event to an hour after the last: then no
-    window holds a change. Sampled every 30 minutes (no zone changes its offset twice within that); a range of
+    window holds a change. Sampled every 30 minutes and at its end (no zone changes its offset twice within that); a range of
     more than ten years is not sampled (False: the full check)."""
     if times.is_empty() or tz == "UTC":
         return True
@@ -224,6 +224,9 @@ def _one_offset(times: pl.Series, tz: str) -> bool:
         return False
     hour = dt.timedelta(hours=1)
     grid = pl.datetime_range(first - hour, last + hour, "30m", eager=True, time_zone="UTC")  # type: ignore[operator]
+    # and the range's end itself: the grid's last step stops up to 30 min short of it, when a change can still fall
+    # inside the last event's window
+    grid = grid.append(pl.Series([last + hour], dtype=grid.dtype))  # type: ignore[operator]
     return grid.to_frame("t").select(_offset(pl.col("t"), tz).n_unique()).item() == 1
 
 

@@ -401,3 +401,16 @@ def test_event_from_floors_the_query_range() -> None:
     assert whole["value"].to_list() == [2.0]
     before = run_query(df, meter, make_query(meter, "2024-01-01", "2024-01-02"))
     assert before["value"].to_list() == [0.0]  # an unwindowed, ungrouped COUNT: one row of 0
+
+
+def test_an_hour_window_is_cut_at_a_change_in_its_last_half_hour_past_the_sampled_range():
+    """America/Chihuahua left its LMT (-07:04:20) for -07:00 at 1922-01-01T07:00:00Z, 23:55:40 on the old wall
+    clock: the hour of an event at 06:10Z is [06:04:20Z, 07:04:20Z) before the cut, 07:00Z after it. The shortcut
+    sampled every 30 min from an hour before the first event (05:41Z) and its last sample (06:41Z) came before the
+    change it had to see, so the window was not cut and overlapped the next hour's [07:00Z, 08:00Z)."""
+    at = [dt.datetime(1922, 1, 1, 5, 41, tzinfo=UTC), dt.datetime(1922, 1, 1, 6, 10, tzinfo=UTC)]
+    frame = events([("c", t, {"duration_ms": i + 1}) for i, t in enumerate(at)])
+    df = q(
+        "duration", "1922-01-01T04:00:00Z", "1922-01-01T09:00:00Z", window="HOUR", tz="America/Chihuahua", frame=frame
+    )
+    assert [e.astimezone(UTC).time().isoformat() for e in df["window_end"]] == ["06:04:20", "07:00:00"]
