@@ -35,7 +35,7 @@ import stat
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -525,15 +525,21 @@ class Storage:
         return self._call("check", rel, lambda: self.fs.exists(self.path(rel)))
 
     def list_files(
-        self, prefix: str, suffixes: tuple[str, ...] | None = None, start_after: str | None = None
+        self,
+        prefix: str,
+        suffixes: tuple[str, ...] | None = None,
+        start_after: str | None = None,
+        prefer: Collection[str] = (),
     ) -> list[FileInfo]:
         """Every file under `prefix` (any depth), sorted by path; hidden names (`.x`, `_x`) are skipped.
 
         Sizes, modification times and ETags come from the listing itself: no object is opened.
         `start_after` (a path relative to the root) lists only paths sorting after it, which on S3
         means the listing starts there (ListObjectsV2 StartAfter) instead of at the first key.
+        `prefer` (local roots): of several links to one file, the one listed is one of these paths if any (the paths
+        a run has read already), else the one that sorts first.
         """
-        files = self._list_s3(prefix, start_after) if self.is_s3 else self._list_local(prefix, start_after)
+        files = self._list_s3(prefix, start_after) if self.is_s3 else self._list_local(prefix, start_after, prefer)
         out = []
         for info in files:
             if _hidden(info.path, prefix):
@@ -560,7 +566,7 @@ class Storage:
                 return
             args["ContinuationToken"] = page["NextContinuationToken"]
 
-    def _list_local(self, prefix: str, start_after: str | None) -> Iterator[FileInfo]:
+    def _list_local(self, prefix: str, start_after: str | None, prefer: Collection[str] = ()) -> Iterator[FileInfo]:
         top = self.path(prefix)
         real_top = os.path.realpath(top)
         # Linked folders are followed (a producer's folder linked into landing/ holds batches like any other), each
@@ -597,20 +603,26 @@ class Storage:
                     listed.setdefault(os.path.join(real_folder, name), rel)
                 if not (start_after and rel <= start_after):
                     yield FileInfo(rel, st.st_size, st.st_mtime)
-        for info in self._linked_files(prefix, real_top, links, listed):
+        for info in self._linked_files(prefix, real_top, links, listed, prefer):
             if not (start_after and info.path <= start_after):
                 yield info
 
     def _linked_files(
-        self, prefix: str, real_top: str, links: list[tuple[str, str]], listed: dict[str, str]
+        self,
+        prefix: str,
+        real_top: str,
+        links: list[tuple[str, str]],
+        listed: dict[str, str],
+        prefer: Collection[str] = (),
     ) -> Iterator[FileInfo]:
         """The links to files among the listing's `links`, each file once: a link to a file the listing reaches
         anyway is skipped with a warning naming both, since the manifest, keyed by path, would read its batch a
         second time (its events then quarantined as duplicates). Reached anyway: under its own path in the listed
         tree (`landing/latest.jsonl` -> `2024/01/a.jsonl`), in a linked folder, or through another link that sorts
-        first (two links to one file outside landing/). Any other link to a file, inside the root or outside it,
+        first (two links to one file outside landing/), or that is in `prefer`: a link made after the run read its
+        file through another one is no new batch, wherever it sorts. Any other link to a file, inside the root or outside it,
         is listed under its own path: it is the only way its batch is reached."""
-        for rel, full in sorted(links):
+        for rel, full in sorted(links, key=lambda link: (link[0] not in prefer, link[0])):
             if _hidden(rel, prefix):  # never listed: nothing to decide
                 continue
             try:

@@ -609,3 +609,19 @@ meters:
     assert table(storage, "tokens_total", "hourly")["value"].to_list() == [5.0, 7.0]
     assert table(storage, "prompts")["value"].to_list() == [3.0]
     assert quarantine(storage).is_empty()
+
+
+def test_a_link_made_after_its_outside_file_was_read_under_another_link_is_no_new_batch(tmp_path: Path) -> None:
+    """Two links to one file outside landing/ are listed once, under the one that sorts first. A second link made
+    after the run read the first, sorting before it (landing/p0.jsonl next to the landing/p1.jsonl that was read),
+    took its place: a path the manifest had never seen, so the batch was read again, every event a duplicate."""
+    x = jsonl([event(f"x{i}", "2024-02-01T10:00:00Z", data={"tokens": 10 * i, "model": "n"}) for i in range(3)])
+    outside = tmp_path / "outside.jsonl"
+    outside.write_bytes(x)
+    linked = local_root(tmp_path, "linked")
+    os.makedirs(linked.path("landing"), exist_ok=True)
+    os.symlink(outside, linked.path("landing/p1.jsonl"))
+    assert quiet_run(linked)["batches"] == 1
+    os.symlink(outside, linked.path("landing/p0.jsonl"))
+    summary = quiet_run(linked)
+    assert (summary["batches"], summary["duplicates_dropped"]) == (0, 0)
