@@ -537,7 +537,8 @@ class Storage:
         `start_after` (a path relative to the root) lists only paths sorting after it, which on S3
         means the listing starts there (ListObjectsV2 StartAfter) instead of at the first key.
         `prefer` (local roots): of several links to one file, the one listed is one of these paths if any (the paths
-        a run has read already), else the one that sorts first.
+        a run has read already), else the one that sorts first; of several links to one folder in the same folder,
+        the one walked is one that holds such a path, if any.
         """
         files = self._list_s3(prefix, start_after) if self.is_s3 else self._list_local(prefix, start_after, prefer)
         out = []
@@ -577,6 +578,7 @@ class Storage:
         seen = {real_top}
         listed: dict[str, str] = {}  # real path -> listed path, of the files in linked folders outside the tree
         links: list[tuple[str, str]] = []  # (listed path, path) of the links to files, decided after the walk
+        held = _folders_of(prefer)  # of two links to one folder side by side, the one read before is walked
         for folder, dirs, names in os.walk(top, followlinks=True):
             rel_folder = self._rel(folder) if folder != self.base else ""
             real_folder = os.path.realpath(folder)
@@ -586,7 +588,7 @@ class Storage:
             # first (landing/.staging -> /data) would be the one walk of a folder also linked under a listed name
             dirs[:] = [
                 d
-                for d in sorted(dirs)
+                for d in sorted(dirs, key=lambda d: (_join(rel_folder, d) not in held, d))
                 if not d.startswith(HIDDEN) and _first_visit(os.path.join(folder, d), inside, seen)
             ]
             for name in names:
@@ -838,6 +840,18 @@ def _hidden(path: str, prefix: str) -> bool:
     """Whether a listing of `prefix` skips `path`: a name below `prefix` starting with `.` or `_`."""
     below = path[len(prefix) :].lstrip("/") if prefix else path
     return any(part.startswith(HIDDEN) for part in below.split("/"))
+
+
+def _folders_of(paths: Collection[str]) -> set[str]:
+    """Every folder holding one of `paths`, at any depth (each folder's ancestors are added once: 97k landed paths
+    in 8k folders take 20 ms)."""
+    folders: set[str] = set()
+    for path in paths:
+        folder = path.rpartition("/")[0]
+        while folder and folder not in folders:
+            folders.add(folder)
+            folder = folder.rpartition("/")[0]
+    return folders
 
 
 def _first_visit(path: str, inside: list[str], seen: set[str]) -> bool:

@@ -611,6 +611,25 @@ meters:
     assert quarantine(storage).is_empty()
 
 
+def test_a_folder_link_made_after_its_folder_was_read_under_another_link_is_no_new_batch(tmp_path: Path) -> None:
+    """The same for a linked folder: landing/b -> a producer's folder was read; landing/a -> the same folder, made
+    later, sorted first and took the folder's one walk, so its batches came back under new paths and were read
+    again, every event a duplicate. The folder holding paths the manifest has is walked."""
+    producer = tmp_path / "producer"
+    producer.mkdir()
+    (producer / "x.jsonl").write_bytes(
+        jsonl([event(f"x{i}", "2024-02-01T10:00:00Z", data={"tokens": 10 * i, "model": "n"}) for i in range(3)])
+    )
+    linked = local_root(tmp_path, "linked")
+    os.makedirs(linked.path("landing"), exist_ok=True)
+    os.symlink(producer, linked.path("landing/b"))
+    assert quiet_run(linked)["batches"] == 1
+    os.symlink(producer, linked.path("landing/a"))
+    summary = quiet_run(linked)
+    assert (summary["batches"], summary["duplicates_dropped"]) == (0, 0)
+    assert [f.path for f in pipeline.find_new_batches(linked)] == []
+
+
 def test_a_link_made_after_its_outside_file_was_read_under_another_link_is_no_new_batch(tmp_path: Path) -> None:
     """Two links to one file outside landing/ are listed once, under the one that sorts first. A second link made
     after the run read the first, sorting before it (landing/p0.jsonl next to the landing/p1.jsonl that was read),
