@@ -1119,6 +1119,8 @@ def _classify_reader(exc: OSError) -> tuple[str, str, str]:
         return "not_found", detail, uri
     if code in _DENIED_CODES or status == 403 or isinstance(exc, PermissionError):
         return "denied", detail, uri
+    if code in _TRANSIENT_CODES:  # sent with a 4xx status too (400 RequestTimeout, 409 OperationAborted): as _classify
+        return "transient", detail, uri
     if status and status < 500 and status not in (408, 429):
         return "refused", detail, uri
     return "transient", detail, uri  # Polars retried it already (5xx, throttling, connections, timeouts)

@@ -366,6 +366,35 @@ OBJECT_LOCK = (
 KMS = "Requests specifying Server Side Encryption with AWS KMS managed keys require AWS Signature Version 4."
 
 
+@pytest.mark.parametrize(("code", "status"), [("RequestTimeout", 400), ("OperationAborted", 409)])
+def test_a_scan_answered_a_transient_4xx_is_storage_unavailable_not_refused(
+    s3_root: str,
+    s3_faults: FaultProxy,
+    tmp_path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    code: str,
+    status: int,
+) -> None:
+    """S3 sends RequestTimeout and OperationAborted with a 4xx status; our own requests retry them (`_classify`), and
+    Polars' reader, which retried them too, said "S3 refused to read": the same failure now reads the same way from
+    both, `storage unavailable`, exit 3."""
+    meters = tmp_path / "meters.yaml"
+    meters.write_text(METERS)
+    storage = Storage(s3_root)
+    land(storage, "a.jsonl", jsonl([prompt(1, 10)]))
+    assert main(["run", "--root", s3_root, "--meters", str(meters)]) == 0
+    land(storage, "b.jsonl", jsonl([prompt(2, 5), prompt(29, 1)]))  # the next run scans the stored events of b's date
+    monkeypatch.setitem(fixtures_s3._ERRORS, status, (code, "try again"))
+    s3_faults.fail_when(lambda method, path: method == "GET" and "/events/" in path.split("?")[0], status=status)
+    capsys.readouterr()
+    exit_code = main(["run", "--root", s3_root, "--meters", str(meters)])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert exit_code == 3 and len(lines) == 1, lines
+    assert lines[0].startswith("error: storage unavailable: read s3://") and f"({code}: try again)" in lines[0], lines
+
+
 @pytest.mark.parametrize(
     ("method", "match", "op", "code", "message"),
     [
