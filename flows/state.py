@@ -106,16 +106,20 @@ def forget_batches(storage: Storage, landed: set[str]) -> None:
     emptied = sorted(set(merged["run_id"].to_list()) - set(kept["run_id"].to_list()))
     markers = [{"path": "", "size": 0, "mtime": 0.0, "etag": "", "batch": "", "run_id": r} for r in emptied]
     kept = pl.concat([kept, pl.DataFrame(markers, schema=MANIFEST_SCHEMA)]) if markers else kept
-    storage.write_parquet(f"{MANIFEST}/compact-{new_run_id()}.parquet", kept)
-    storage.delete(files)
+    _replace_manifest(storage, files, kept)
 
 
 def compact_manifest(storage: Storage) -> None:
     files = [f.path for f in storage.list_files(MANIFEST, (".parquet",))]
     if len(files) <= COMPACT_AFTER:
         return
-    merged = storage.collect(storage.scan_parquet(files))
-    storage.write_parquet(f"{MANIFEST}/compact-{new_run_id()}.parquet", merged)
+    _replace_manifest(storage, files, storage.collect(storage.scan_parquet(files)))
+
+
+def _replace_manifest(storage: Storage, files: list[str], rows: pl.DataFrame) -> None:
+    """The manifest's `files` replaced by one file of `rows`: written before they are deleted, so that a crash in
+    between leaves every row readable (some twice: `read_manifest` keeps one of each)."""
+    storage.write_parquet(f"{MANIFEST}/compact-{new_run_id()}.parquet", rows)
     storage.delete(files)
 
 

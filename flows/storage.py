@@ -390,7 +390,7 @@ class Storage:
             except Exception as exc:
                 kind, detail = _classify(exc) if self.is_s3 else _classify_local(exc)
                 if kind == "refused" and isinstance(exc, (FileNotFoundError, FileExistsError)):
-                    raise  # s3fs's reading of an answer callers test for: 412 to a create whose key is taken
+                    raise  # s3fs's reading of a 4xx answer as one that callers test for: never a refusal to report
                 fixable = self._fixable(kind, detail, op, self.uri(rel))
                 if fixable is not None:
                     raise fixable from exc
@@ -579,18 +579,24 @@ class Storage:
         listed: dict[str, str] = {}  # real path -> listed path, of the files in linked folders outside the tree
         links: list[tuple[str, str]] = []  # (listed path, path) of the links to files, decided after the walk
         held = _folders_of(prefer)  # of two links to one folder side by side, the one read before is walked
+        outside_real: dict[str, str] = {}  # folder walked through a link out of the tree -> its real path
         for folder, dirs, names in os.walk(top, followlinks=True):
             rel_folder = self._rel(folder) if folder != self.base else ""
-            real_folder = os.path.realpath(folder)
-            outside = not _is_within(real_folder, real_top)  # in a linked folder: its files' paths are not their own
+            real_folder = outside_real.pop(folder, None)  # in a linked folder: its files' paths are not their own
+            outside = real_folder is not None
             # no folder is pruned by start_after: the files and links before it decide which later link is listed
             # hidden folders are never listed: not walked either, or a link to a folder under a hidden name that sorts
             # first (landing/.staging -> /data) would be the one walk of a folder also linked under a listed name
-            dirs[:] = [
-                d
-                for d in sorted(dirs, key=lambda d: (_join(rel_folder, d) not in held, d))
-                if not d.startswith(HIDDEN) and _first_visit(os.path.join(folder, d), inside, seen)
-            ]
+            walked = []
+            for d in sorted(dirs, key=lambda d: (_join(rel_folder, d) not in held, d)):
+                child = os.path.join(folder, d)
+                real = None if d.startswith(HIDDEN) else _first_visit(child, inside, seen)
+                if real is None:
+                    continue
+                walked.append(d)
+                if not _is_within(real, real_top):
+                    outside_real[child] = real
+            dirs[:] = walked
             for name in names:
                 rel = _join(rel_folder, name)
                 full = os.path.join(folder, name)
@@ -622,8 +628,8 @@ class Storage:
         second time (its events then quarantined as duplicates). Reached anyway: under its own path in the listed
         tree (`landing/latest.jsonl` -> `2024/01/a.jsonl`), in a linked folder, or through another link that sorts
         first (two links to one file outside landing/), or that is in `prefer`: a link made after the run read its
-        file through another one is no new batch, wherever it sorts. Any other link to a file, inside the root or outside it,
-        is listed under its own path: it is the only way its batch is reached."""
+        file through another one is no new batch, wherever it sorts. Any other link to a file, inside the root or
+        outside it, is listed under its own path: it is the only way its batch is reached."""
         for rel, full in sorted(links, key=lambda link: (link[0] not in prefer, link[0])):
             if _hidden(rel, prefix):  # never listed: nothing to decide
                 continue
@@ -854,17 +860,17 @@ def _folders_of(paths: Collection[str]) -> set[str]:
     return folders
 
 
-def _first_visit(path: str, inside: list[str], seen: set[str]) -> bool:
-    """Whether to walk into folder `path`: not a link into the root or the listed tree (their folders are listed
-    where they are), nor to a folder holding them, nor to a folder already walked under another path. Records it
-    as walked."""
+def _first_visit(path: str, inside: list[str], seen: set[str]) -> str | None:
+    """The real path of folder `path` if it is to be walked: not a link into the root or the listed tree (their
+    folders are listed where they are), nor to a folder holding them, nor to a folder already walked under another
+    path. Records it as walked. None if it is not to be walked."""
     real = os.path.realpath(path)
     linked_in = any(_is_within(real, folder) or _is_within(folder, real) for folder in inside)  # or above it
     if real in seen or (os.path.islink(path) and linked_in):
         log.debug("%s leads to %s, which the listing reaches anyway: not walked again", path, real)
-        return False
+        return None
     seen.add(real)
-    return True
+    return real
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -966,9 +972,9 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
     Kinds: no_bucket, no_credentials, credentials, region (signed for another region, or redirected), denied,
     transient, unreachable (no connection at all: refused, unknown host, connect timeout, TLS or proxy failure;
-    transient too), conflict, exists (a conditional create's key is taken), unsupported, refused (any other 4xx answer but a 404: a request S3 will refuse again,
-    such as InvalidRequest, InvalidArgument or EntityTooLarge), other. The
-    description holds the S3 error code and message, never request secrets.
+    transient too), conflict, exists (a conditional create's key is taken), unsupported, refused (any other 4xx
+    answer but a 404: a request S3 will refuse again, such as InvalidRequest, InvalidArgument or EntityTooLarge),
+    other. The description holds the S3 error code and message, never request secrets.
     """
     for e in _chain(exc):
         response = getattr(e, "response", None)

@@ -197,26 +197,25 @@ def _wall_clock_windows(events: pl.DataFrame, tz: str, every: str) -> pl.DataFra
     )
     if _one_offset(out["_t"], tz):  # UTC, or no change in the range: the checks below cost ~30% per event
         return out.drop("_t", "_off")
-    out = out.with_columns(
+    out = out.with_columns(_last=pl.col("window_end") - pl.duration(microseconds=1)).with_columns(
         _cut_start=_offset(pl.col("window_start"), tz) != pl.col("_off"),
-        _cut_end=_offset(pl.col("window_end") - pl.duration(microseconds=1), tz) != pl.col("_off"),
+        _cut_end=_offset(pl.col("_last"), tz) != pl.col("_off"),
     )
     for cut, lo, hi, column in (
         ("_cut_start", "window_start", "_t", "window_start"),  # the offset changed after the start: start there
         ("_cut_end", "_t", "_last", "window_end"),  # the offset changes before the end: end there
     ):
-        rows = out.with_columns(_last=pl.col("window_end") - pl.duration(microseconds=1)).filter(pl.col(cut))
-        if rows.height:
-            at = out.with_row_index("_i").filter(pl.col(cut))["_i"]
-            bounds = out[column].clone().scatter(at, _offset_change(rows[lo], rows[hi], tz))
-            out = out.with_columns(bounds.alias(column))
-    return out.drop("_t", "_off", "_cut_start", "_cut_end")
+        at = out.select(pl.arg_where(pl.col(cut))).to_series()
+        if at.len():
+            rows = out[at]
+            out = out.with_columns(out[column].clone().scatter(at, _offset_change(rows[lo], rows[hi], tz)))
+    return out.drop("_t", "_off", "_last", "_cut_start", "_cut_end")
 
 
 def _one_offset(times: pl.Series, tz: str) -> bool:
     """Whether the zone keeps one UTC offset from an hour before the first event to an hour after the last: then no
-    window holds a change. Sampled every 30 minutes and at its end (no zone changes its offset twice within that); a range of
-    more than ten years is not sampled (False: the full check)."""
+    window holds a change. Sampled every 30 minutes and at its end (no zone changes its offset twice within that);
+    a range of more than ten years is not sampled (False: the full check)."""
     if times.is_empty() or tz == "UTC":
         return True
     first, last = times.min(), times.max()

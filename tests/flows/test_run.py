@@ -611,36 +611,28 @@ meters:
     assert quarantine(storage).is_empty()
 
 
-def test_a_folder_link_made_after_its_folder_was_read_under_another_link_is_no_new_batch(tmp_path: Path) -> None:
-    """The same for a linked folder: landing/b -> a producer's folder was read; landing/a -> the same folder, made
-    later, sorted first and took the folder's one walk, so its batches came back under new paths and were read
-    again, every event a duplicate. The folder holding paths the manifest has is walked."""
-    producer = tmp_path / "producer"
-    producer.mkdir()
-    (producer / "x.jsonl").write_bytes(
-        jsonl([event(f"x{i}", "2024-02-01T10:00:00Z", data={"tokens": 10 * i, "model": "n"}) for i in range(3)])
-    )
+@pytest.mark.parametrize(("target", "read", "later"), [("file", "p1.jsonl", "p0.jsonl"), ("folder", "b", "a")])
+def test_a_link_made_after_its_target_was_read_under_another_link_is_no_new_batch(
+    tmp_path: Path, target: str, read: str, later: str
+) -> None:
+    """Two links to one file outside landing/ are listed once, under the one that sorts first; two links to one folder
+    side by side are walked once, the first that sorts. A second link made after the run read through the first,
+    sorting before it (landing/p0.jsonl beside the landing/p1.jsonl that was read; landing/a beside landing/b, both
+    to a producer's folder), took its place: paths the manifest had never seen, so the batch was read again, every
+    event a duplicate. The path, or the folder holding paths, the manifest has is kept."""
+    x = jsonl([event(f"x{i}", "2024-02-01T10:00:00Z", data={"tokens": 10 * i, "model": "n"}) for i in range(3)])
+    if target == "file":
+        outside = tmp_path / "outside.jsonl"
+        outside.write_bytes(x)
+    else:
+        outside = tmp_path / "producer"
+        outside.mkdir()
+        (outside / "x.jsonl").write_bytes(x)
     linked = local_root(tmp_path, "linked")
     os.makedirs(linked.path("landing"), exist_ok=True)
-    os.symlink(producer, linked.path("landing/b"))
+    os.symlink(outside, linked.path(f"landing/{read}"))
     assert quiet_run(linked)["batches"] == 1
-    os.symlink(producer, linked.path("landing/a"))
+    os.symlink(outside, linked.path(f"landing/{later}"))
     summary = quiet_run(linked)
     assert (summary["batches"], summary["duplicates_dropped"]) == (0, 0)
     assert [f.path for f in pipeline.find_new_batches(linked)] == []
-
-
-def test_a_link_made_after_its_outside_file_was_read_under_another_link_is_no_new_batch(tmp_path: Path) -> None:
-    """Two links to one file outside landing/ are listed once, under the one that sorts first. A second link made
-    after the run read the first, sorting before it (landing/p0.jsonl next to the landing/p1.jsonl that was read),
-    took its place: a path the manifest had never seen, so the batch was read again, every event a duplicate."""
-    x = jsonl([event(f"x{i}", "2024-02-01T10:00:00Z", data={"tokens": 10 * i, "model": "n"}) for i in range(3)])
-    outside = tmp_path / "outside.jsonl"
-    outside.write_bytes(x)
-    linked = local_root(tmp_path, "linked")
-    os.makedirs(linked.path("landing"), exist_ok=True)
-    os.symlink(outside, linked.path("landing/p1.jsonl"))
-    assert quiet_run(linked)["batches"] == 1
-    os.symlink(outside, linked.path("landing/p0.jsonl"))
-    summary = quiet_run(linked)
-    assert (summary["batches"], summary["duplicates_dropped"]) == (0, 0)
